@@ -1,0 +1,1 @@
+"""Dagster wiring of the MIHD platform; ``definitions.py`` holds the one ``Definitions``."""

@@ -1,0 +1,18 @@
+"""Resource instances bound into the Definitions; paths come from `mihd_resources.settings`."""
+
+from __future__ import annotations
+
+from dagster_duckdb import DuckDBResource
+
+from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
+from mihd_resources import settings
+
+
+def build_resources() -> dict:
+    duckdb = DuckDBResource(database=str(settings.duckdb_path()))
+    return {
+        "storage": StorageResource(slides_root=str(settings.slides_root())),
+        "anndata_io_manager": AnnDataIOManager(base_dir=str(settings.storage_root())),
+        "metrics": MetricsStore(duckdb=duckdb),
+        "compute": ComputeResource(),
+    }

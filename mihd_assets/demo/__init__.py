@@ -1,0 +1,1 @@
+"""Deterministic demo-data generators (the platform's embedded default data)."""

@@ -1,0 +1,1 @@
+"""Visium slides: readers for real 10x layouts, preprocessing presets, coordinate checks."""

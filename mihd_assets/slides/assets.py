@@ -1,0 +1,252 @@
+"""Slide assets: raw AnnData per slide, preprocessed AnnData per preset, QC rows in DuckDB."""
+
+
+import time
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetIn,
+    AssetKey,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    Output,
+    asset,
+)
+
+from dagster_project.partitions import slides_partitions
+from mihd_assets.fileio import tree_fingerprint
+from mihd_resources import MetricsStore, StorageResource
+from mihd_resources.metrics_store import DUCKDB_WRITER_POOL
+
+from .coords import check_slide_images
+from .io import read_visium_slide
+from .preprocess import PRESETS, preprocess, resolve_steps
+from .qc import slide_qc
+
+GROUP = "slides"
+RAW_SLIDE = AssetKey(["slides", "raw_slide"])
+SPOTS_ON_TISSUE = "spots_on_tissue"
+# Presets materialized for every slide; downstream assets pick theirs by key.
+MATERIALIZED_PRESETS = ("standard", "staig")
+
+
+def preprocessed_key(preset: str) -> AssetKey:
+    return AssetKey(["slides", f"preprocessed_slide_{preset}"])
+
+
+def slide_input_fingerprint(storage: StorageResource, slide_id: str) -> str:
+    """Changes whenever any file of the slide folder changes (used for staleness)."""
+    return tree_fingerprint(storage.slide_folder(slide_id))
+
+
+@asset(
+    key=RAW_SLIDE,
+    group_name=GROUP,
+    partitions_def=slides_partitions,
+    io_manager_key="anndata_io_manager",
+    code_version="1",
+    kinds={"python", "anndata"},
+    check_specs=[
+        AssetCheckSpec(
+            SPOTS_ON_TISSUE,
+            asset=RAW_SLIDE,
+            blocking=True,
+            description=(
+                "Spot coordinates mapped with each image's own scale factor fall inside that "
+                "image and on tissue (Otsu on saturation) for >= 95% of in-tissue spots."
+            ),
+        )
+    ],
+)
+def raw_slide(context: AssetExecutionContext, storage: StorageResource):
+    """Raw counts of one Visium slide as AnnData, in scanpy's Visium conventions.
+
+    `X` and `layers["counts"]` hold raw UMI counts; `obs["truth"]` the annotated layer
+    (spatialLIBD `metadata.tsv` or a two-column truth file); `obsm["spatial"]`
+    full-resolution pixels (x = column, y = row); `uns["spatial"][slide]` the scale factors,
+    the hires/lowres images and the paths of every source file. The blocking check
+    `spots_on_tissue` stops downstream assets when the coordinates miss the tissue.
+    """
+    slide_id = context.partition_key
+    folder = storage.slide_folder(slide_id)
+    fingerprint = tree_fingerprint(folder)
+    started = time.perf_counter()
+    adata = read_visium_slide(folder, slide_id)
+    checks = check_slide_images(adata, slide_id)
+    passed = all(c.passed for c in checks)
+    adata.uns["mihd_checks"] = {SPOTS_ON_TISSUE: {"passed": passed, "images": [c.as_dict() for c in checks]}}
+    info = adata.uns["spatial"][slide_id]
+    meta = info["metadata"]
+    yield Output(
+        adata,
+        metadata={
+            "slide_id": slide_id,
+            "n_spots": adata.n_obs,
+            "n_genes": adata.n_vars,
+            "counts_format": meta["counts_format"],
+            "positions_format": meta["positions_format"],
+            "images": MetadataValue.json(meta["image_paths"]),
+            "scalefactors": MetadataValue.json(info["scalefactors"]),
+            "truth_source": meta["truth_source"],
+            "n_labelled": int(adata.obs["truth"].notna().sum()) if "truth" in adata.obs else 0,
+            "input_fingerprint": fingerprint,
+            "tissue_check_passed": passed,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )
+    for c in checks:
+        (context.log.info if c.passed else context.log.error)(
+            f"slide {slide_id}: {c.image} image, scale {c.scale:g}: {c.frac_on_tissue:.1%} of spots on tissue"
+            + (f" - {c.problem}" if c.problem else "")
+        )
+    yield AssetCheckResult(
+        check_name=SPOTS_ON_TISSUE,
+        asset_key=RAW_SLIDE,
+        passed=passed,
+        severity=AssetCheckSeverity.ERROR,
+        description=None if passed else "; ".join(f"{c.image}: {c.problem}" for c in checks if not c.passed),
+        metadata={
+            **{f"{c.image}_frac_on_tissue": float(c.frac_on_tissue) for c in checks},
+            **{f"{c.image}_scale": float(c.scale) for c in checks},
+        },
+    )
+
+
+class PreprocessConfig(Config):
+    """Override the preset's ordered steps (names only). Any override is recorded and
+    flagged by the `preset_not_overridden` check."""
+
+    steps_override: list[str] = []
+
+
+def _preprocessed_factory(preset: str):
+    key = preprocessed_key(preset)
+    steps = " -> ".join(s.describe() for s in PRESETS[preset])
+
+    @asset(
+        key=key,
+        ins={"raw": AssetIn(key=RAW_SLIDE)},
+        group_name=GROUP,
+        partitions_def=slides_partitions,
+        io_manager_key="anndata_io_manager",
+        code_version="1",
+        kinds={"python", "anndata", "scanpy"},
+        check_specs=[
+            AssetCheckSpec(
+                "preset_not_overridden",
+                asset=key,
+                description="Warns when the preset's ordered steps were overridden by run config.",
+            )
+        ],
+        description=(
+            f"Slide expression preprocessed with the `{preset}` preset, steps in order: {steps}. "
+            "Raw counts stay in `layers['counts']`; the steps that ran are in `uns['preprocess']`."
+        ),
+    )
+    def _asset(context: AssetExecutionContext, config: PreprocessConfig, raw: ad.AnnData):
+        slide_id = context.partition_key
+        gate = raw.uns.get("mihd_checks", {}).get(SPOTS_ON_TISSUE, {})
+        if not gate.get("passed", False):
+            raise ValueError(
+                f"slide '{slide_id}': raw_slide failed its {SPOTS_ON_TISSUE} check; fix the slide's "
+                "images or coordinates before preprocessing"
+            )
+        override = list(config.steps_override)
+        if override:
+            context.log.warning(
+                f"slide {slide_id}: preset '{preset}' steps overridden by run config: {override} "
+                f"(preset order: {steps})"
+            )
+            resolve_steps(preset, override)  # fail fast on unknown step names
+        started = time.perf_counter()
+        out, ran, notes = preprocess(raw, preset, override or None)
+        seconds = time.perf_counter() - started
+        out.uns["preprocess"]["seconds"] = seconds
+        for note in notes:
+            context.log.warning(f"slide {slide_id}: {note}")
+        yield Output(
+            out,
+            metadata={
+                "preset": preset,
+                "steps": MetadataValue.json(ran),
+                "override": bool(override),
+                "notes": MetadataValue.json(notes),
+                "n_spots": out.n_obs,
+                "n_genes_out": out.n_vars,
+                "seconds": round(seconds, 3),
+            },
+        )
+        yield AssetCheckResult(
+            check_name="preset_not_overridden",
+            asset_key=key,
+            passed=not override,
+            severity=AssetCheckSeverity.WARN,
+            metadata={"steps": MetadataValue.json(ran)},
+        )
+
+    return _asset
+
+
+preprocessed_slides = [_preprocessed_factory(p) for p in MATERIALIZED_PRESETS]
+
+
+@asset(
+    key=AssetKey(["slides", "slide_qc_metrics"]),
+    ins={
+        "raw": AssetIn(key=RAW_SLIDE),
+        **{f"pre_{p}": AssetIn(key=preprocessed_key(p)) for p in MATERIALIZED_PRESETS},
+    },
+    group_name=GROUP,
+    partitions_def=slides_partitions,
+    pool=DUCKDB_WRITER_POOL,
+    code_version="1",
+    kinds={"duckdb"},
+)
+def slide_qc_metrics(
+    context: AssetExecutionContext,
+    metrics: MetricsStore,
+    raw: ad.AnnData,
+    pre_standard: ad.AnnData,
+    pre_staig: ad.AnnData,
+) -> MaterializeResult:
+    """QC numbers of one slide into DuckDB: `slide_qc` (spots, genes, UMI, tissue
+    fractions), `slide_image_checks` (one row per image and scale factor) and
+    `preprocessing_runs` (preset and exact ordered steps per preprocessed matrix)."""
+    slide_id = context.partition_key
+    images = raw.uns["mihd_checks"][SPOTS_ON_TISSUE]["images"]
+    # The highest-resolution image present stands for the slide's tissue fraction.
+    order = {"fullres": 0, "hires": 1, "lowres": 2}
+    best = min(images, key=lambda c: order.get(c["image"], 9)) if images else None
+    qc = slide_qc(raw, slide_id, float(best["frac_on_tissue"]) if best else None)
+    image_rows = pd.DataFrame([{**c, "slide_id": slide_id} for c in images])
+    pre_rows = []
+    for pre in (pre_standard, pre_staig):
+        info = pre.uns["preprocess"]
+        pre_rows.append({
+            "slide_id": slide_id,
+            "preset": str(info["preset"]),
+            "steps": " -> ".join(np.asarray(info["steps"]).tolist()),
+            "override": bool(info["override"]),
+            "notes": "; ".join(np.asarray(info.get("notes", [])).tolist()),
+            "n_spots": int(pre.n_obs),
+            "n_genes_out": int(pre.n_vars),
+            "seconds": float(info["seconds"]),
+        })
+    written = metrics.write(
+        context,
+        {"slide_qc": [qc], "slide_image_checks": image_rows, "preprocessing_runs": pre_rows},
+    )
+    return MaterializeResult(
+        metadata={
+            "rows_written": MetadataValue.json(written),
+            "database": metrics.path,
+            **{k: v for k, v in qc.items() if v is not None},
+        }
+    )

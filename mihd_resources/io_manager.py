@@ -1,0 +1,41 @@
+"""IO manager storing AnnData outputs as ``.h5ad`` files, one per asset and partition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+from dagster import ConfigurableIOManager, InputContext, OutputContext
+
+from mihd_assets.fileio import atomic_path
+
+
+class AnnDataIOManager(ConfigurableIOManager):
+    """``<base_dir>/<asset key path>/<partition>.h5ad``, written atomically.
+
+    The files are plain AnnData: open them with ``anndata.read_h5ad`` in any notebook.
+    """
+
+    base_dir: str
+
+    def _path(self, context: OutputContext | InputContext) -> Path:
+        key_path = context.asset_key.path
+        partition = context.asset_partition_key if context.has_asset_partitions else "__all__"
+        return Path(self.base_dir, *key_path, f"{partition}.h5ad")
+
+    def handle_output(self, context: OutputContext, obj: ad.AnnData) -> None:
+        if not isinstance(obj, ad.AnnData):
+            raise TypeError(f"{context.asset_key.to_user_string()}: expected AnnData, got {type(obj).__name__}")
+        path = self._path(context)
+        with atomic_path(path) as tmp:
+            obj.write_h5ad(tmp)
+        context.add_output_metadata({"path": str(path), "n_obs": obj.n_obs, "n_vars": obj.n_vars})
+
+    def load_input(self, context: InputContext) -> ad.AnnData:
+        path = self._path(context)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{context.upstream_output.asset_key.to_user_string() if context.upstream_output else ''}: "
+                f"no stored file {path}; materialize the upstream partition first"
+            )
+        return ad.read_h5ad(path)

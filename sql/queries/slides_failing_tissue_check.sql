@@ -1,0 +1,5 @@
+-- Slides with an image whose spots do not land on tissue (the seed-000 coordinate bug).
+SELECT slide_id, image, scale, frac_in_bounds, frac_on_tissue, problem
+FROM slide_image_checks
+WHERE NOT passed
+ORDER BY slide_id, image;

@@ -1,0 +1,60 @@
+-- MIHD metrics database: one DuckDB file, one table per kind of result.
+-- Every table starts with the same bookkeeping columns; the metrics store replaces all
+-- rows of one (asset_key, partition_key) in a single transaction, so re-materializing an
+-- asset partition replaces its rows instead of duplicating them.
+
+CREATE TABLE IF NOT EXISTS slide_qc (
+    asset_key                  VARCHAR NOT NULL,
+    partition_key              VARCHAR NOT NULL,
+    run_id                     VARCHAR NOT NULL,
+    code_version               VARCHAR,
+    written_at                 TIMESTAMP NOT NULL,
+    slide_id                   VARCHAR NOT NULL,
+    n_spots                    INTEGER,
+    n_genes                    INTEGER,
+    n_genes_detected           INTEGER,
+    total_umi                  DOUBLE,
+    median_umi_per_spot        DOUBLE,
+    median_genes_per_spot      DOUBLE,
+    n_positions                INTEGER,
+    n_positions_in_tissue      INTEGER,
+    frac_positions_in_tissue   DOUBLE,
+    frac_spots_on_tissue_image DOUBLE,
+    n_spots_labelled           INTEGER,
+    counts_format              VARCHAR,
+    positions_format           VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS slide_image_checks (
+    asset_key       VARCHAR NOT NULL,
+    partition_key   VARCHAR NOT NULL,
+    run_id          VARCHAR NOT NULL,
+    code_version    VARCHAR,
+    written_at      TIMESTAMP NOT NULL,
+    slide_id        VARCHAR NOT NULL,
+    image           VARCHAR NOT NULL,   -- fullres / hires / lowres
+    path            VARCHAR,
+    scale           DOUBLE,             -- factor applied to full-resolution coordinates
+    n_spots         INTEGER,
+    frac_in_bounds  DOUBLE,
+    frac_on_tissue  DOUBLE,
+    threshold       DOUBLE,             -- Otsu threshold on HSV saturation
+    passed          BOOLEAN,
+    problem         VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS preprocessing_runs (
+    asset_key       VARCHAR NOT NULL,
+    partition_key   VARCHAR NOT NULL,
+    run_id          VARCHAR NOT NULL,
+    code_version    VARCHAR,
+    written_at      TIMESTAMP NOT NULL,
+    slide_id        VARCHAR NOT NULL,
+    preset          VARCHAR NOT NULL,
+    steps           VARCHAR NOT NULL,   -- ordered, ' -> ' separated
+    override        BOOLEAN NOT NULL,
+    notes           VARCHAR,
+    n_spots         INTEGER,
+    n_genes_out     INTEGER,
+    seconds         DOUBLE
+);
