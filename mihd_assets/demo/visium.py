@@ -71,7 +71,7 @@ class DemoSlideSpec:
     margin_px: int = 260
     hires_scalef: float = 0.2
     lowres_scalef: float = 0.06
-    n_genes: int = 300
+    n_genes: int = 3500
     mean_umi: float = 1500.0
     marker_fold: float = 3.0
     dispersion: float = 6.0  # negative-binomial size parameter

@@ -81,7 +81,7 @@ def raw_slide(context: AssetExecutionContext, storage: StorageResource):
     adata = read_visium_slide(folder, slide_id)
     checks = check_slide_images(adata, slide_id)
     passed = all(c.passed for c in checks)
-    adata.uns["mihd_checks"] = {SPOTS_ON_TISSUE: {"passed": passed, "images": [c.as_dict() for c in checks]}}
+    adata.uns["mihd_checks"] = {SPOTS_ON_TISSUE: {"passed": passed, "images": {c.image: c.as_dict() for c in checks}}}
     info = adata.uns["spatial"][slide_id]
     meta = info["metadata"]
     yield Output(
@@ -220,12 +220,14 @@ def slide_qc_metrics(
     fractions), `slide_image_checks` (one row per image and scale factor) and
     `preprocessing_runs` (preset and exact ordered steps per preprocessed matrix)."""
     slide_id = context.partition_key
-    images = raw.uns["mihd_checks"][SPOTS_ON_TISSUE]["images"]
+    images = list(raw.uns["mihd_checks"][SPOTS_ON_TISSUE]["images"].values())
     # The highest-resolution image present stands for the slide's tissue fraction.
     order = {"fullres": 0, "hires": 1, "lowres": 2}
     best = min(images, key=lambda c: order.get(c["image"], 9)) if images else None
     qc = slide_qc(raw, slide_id, float(best["frac_on_tissue"]) if best else None)
     image_rows = pd.DataFrame([{**c, "slide_id": slide_id} for c in images])
+    image_rows["threshold"] = image_rows["threshold"].astype(float).where(image_rows["threshold"].notna(), None)
+    image_rows["problem"] = image_rows["problem"].replace("", None)
     pre_rows = []
     for pre in (pre_standard, pre_staig):
         info = pre.uns["preprocess"]

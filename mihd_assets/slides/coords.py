@@ -101,7 +101,11 @@ class TissueCheck:
     problem: str | None
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """Plain values that HDF5 can store (no None): missing threshold is NaN, no problem is ''."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["threshold"] = float("nan") if self.threshold is None else self.threshold
+        out["problem"] = self.problem or ""
+        return out
 
 
 def check_spots_on_tissue(

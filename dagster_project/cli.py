@@ -1,0 +1,183 @@
+"""`mihd`: the platform's command line.
+
+    mihd demo                 write the demo data and materialize every asset on it
+    mihd demo-data            only write the demo data (idempotent)
+    mihd materialize          register new slides, materialize missing or stale assets
+    mihd sql "SELECT ..."     run read-only SQL against the metrics database
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from mihd_resources import settings
+
+DEMO_SLIDES = 3
+
+
+def _instance():
+    from dagster import DagsterInstance
+
+    if not os.environ.get("DAGSTER_HOME"):
+        home = settings.mihd_home() / "dagster_home"
+        os.environ["DAGSTER_HOME"] = str(home)
+    home = Path(os.environ["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text((Path(__file__).parent / "dagster.yaml").read_text())
+    return DagsterInstance.get()
+
+
+def _step_errors(result) -> list[str]:
+    errors = []
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE":
+            err = event.event_specific_data.error
+            errors.append(f"{event.step_key}: {err.message.strip() if err else 'failed'}")
+    return errors
+
+
+def cmd_demo_data(args) -> int:
+    from mihd_assets.demo.visium import generate_demo_slides
+
+    root = settings.demo_root() / "visium"
+    started = time.perf_counter()
+    summaries = generate_demo_slides(root, n_slides=args.slides)
+    print(f"demo slides in {root} ({time.perf_counter() - started:.1f} s):")
+    for s in summaries:
+        print(f"  {s['slide_id']}: {s['n_spots']} spots x {s['n_genes']} genes, image {s['image_px'][1]}x{s['image_px'][0]} px")
+    return 0
+
+
+def cmd_materialize(args) -> int:
+    from dagster_project.definitions import defs
+    from dagster_project.freshness import plan_for_graph
+    from dagster_project.jobs import SLIDE_JOB_NAME
+    from dagster_project.partitions import slides_partitions
+    from dagster_project.sensors import discover_slides
+    from dagster_project.staleness_inputs import slide_fingerprints, slide_gates
+    from mihd_resources import StorageResource
+
+    instance = _instance()
+    storage = StorageResource(slides_root=str(settings.slides_root()))
+    new, refused = discover_slides(storage, instance)
+    for message in refused:
+        print(f"refused: {message}", file=sys.stderr)
+    if new:
+        instance.add_dynamic_partitions(slides_partitions.name, new)
+        print(f"registered slide partitions: {', '.join(new)}")
+    slides = args.partition or instance.get_dynamic_partitions(slides_partitions.name)
+    if not slides:
+        print(f"no slides under {storage.slides_root}; nothing to do")
+        return 0
+
+    job = defs.resolve_job_def(SLIDE_JOB_NAME)
+    graph = defs.resolve_asset_graph()
+    keys = set(job.asset_layer.executable_asset_keys)
+    level = "INFO" if args.verbose else "WARNING"
+    failures = 0
+    started_all = time.perf_counter()
+    for i, slide in enumerate(slides, 1):
+        plan = plan_for_graph(instance, graph, keys, slide, slide_fingerprints(storage), slide_gates())
+        prefix = f"[{i}/{len(slides)}] {slide}:"
+        if plan.blocked:
+            print(f"{prefix} blocked - {plan.blocked}")
+            failures += 1
+            continue
+        if not plan.to_materialize:
+            print(f"{prefix} fresh, nothing to do")
+            continue
+        print(f"{prefix} materializing {len(plan.to_materialize)} asset(s): "
+              + ", ".join(f"{k} ({r})" for k, r in plan.reasons.items()), flush=True)
+        if args.dry_run:
+            continue
+        started = time.perf_counter()
+        result = job.execute_in_process(
+            instance=instance,
+            partition_key=slide,
+            asset_selection=plan.to_materialize,
+            raise_on_error=False,
+            tags={"mihd/launched_by": "mihd materialize", "mihd/profile": settings.profile()},
+            run_config={"loggers": {"console": {"config": {"log_level": level}}}},
+        )
+        seconds = time.perf_counter() - started
+        if result.success:
+            print(f"{prefix} done in {seconds:.1f} s (run {result.run_id[:8]})", flush=True)
+        else:
+            failures += 1
+            print(f"{prefix} FAILED after {seconds:.1f} s (run {result.run_id[:8]})", flush=True)
+            for line in _step_errors(result):
+                print(f"    {line}", flush=True)
+    print(f"materialize finished in {time.perf_counter() - started_all:.1f} s; {failures} slide(s) failed or blocked")
+    return 1 if failures else 0
+
+
+def cmd_sql(args) -> int:
+    from tabulate import tabulate
+
+    from mihd_resources.metrics_store import read_only_query
+
+    sql = Path(args.file).read_text() if args.file else args.query
+    if not sql:
+        print("give a query or --file", file=sys.stderr)
+        return 2
+    frame = read_only_query(args.db or settings.duckdb_path(), sql)
+    if args.csv:
+        frame.to_csv(sys.stdout, index=False)
+    else:
+        print(tabulate(frame, headers="keys", tablefmt="simple", showindex=False, floatfmt=".4g"))
+        print(f"({len(frame)} row{'s' if len(frame) != 1 else ''})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    os.environ.setdefault("MIHD_PROFILE", "demo")
+    if os.environ.get("MIHD_DATA_ROOT"):
+        print("MIHD_DATA_ROOT is set; `mihd demo` runs on the embedded demo data only - unset it", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    cmd_demo_data(argparse.Namespace(slides=DEMO_SLIDES))
+    code = cmd_materialize(argparse.Namespace(partition=None, dry_run=False, verbose=args.verbose))
+    home = settings.mihd_home()
+    print(
+        f"\nDemo finished in {time.perf_counter() - started:.1f} s (profile: {settings.profile()}).\n"
+        "Where to look:\n"
+        f"  UI:      make ui   (= DAGSTER_HOME={home / 'dagster_home'} MIHD_HOME={home} "
+        ".venv/bin/dagster dev -w workspace.yaml), then http://127.0.0.1:3000\n"
+        f"  DuckDB:  {settings.duckdb_path()}\n"
+        '  SQL:     .venv/bin/mihd sql "SELECT * FROM slide_qc_latest"\n'
+        f"  Assets:  {settings.storage_root()}"
+    )
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mihd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="write demo data and materialize every asset on it")
+    p.add_argument("--verbose", action="store_true", help="show Dagster's INFO logs")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("demo-data", help="write the demo slides (idempotent)")
+    p.add_argument("--slides", type=int, default=DEMO_SLIDES)
+    p.set_defaults(fn=cmd_demo_data)
+    p = sub.add_parser("materialize", help="materialize missing or stale assets of every slide")
+    p.add_argument("--partition", action="append", help="only this slide (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only")
+    p.add_argument("--verbose", action="store_true", help="show Dagster's INFO logs")
+    p.set_defaults(fn=cmd_materialize)
+    p = sub.add_parser("sql", help="run read-only SQL on the metrics database")
+    p.add_argument("query", nargs="?")
+    p.add_argument("--file", help="read the query from a .sql file (e.g. sql/queries/...)")
+    p.add_argument("--db", help="DuckDB file (default: $MIHD_DUCKDB or $MIHD_HOME/mihd.duckdb)")
+    p.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    p.set_defaults(fn=cmd_sql)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
