@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Debian packages the platform uses: R + mclust (the default clustering, through rpy2)
+# and Chromium (headless UI tests). Installed only when missing and apt is available.
+set -euo pipefail
+
+need=()
+if ! Rscript -e 'suppressMessages(library(mclust))' >/dev/null 2>&1; then
+  need+=(r-base-core r-cran-mclust)
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  need+=(chromium)
+fi
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "WARNING: apt-get not available; install ${need[*]} yourself (R + mclust are needed for" \
+       "the default clustering, chromium for the UI tests)." >&2
+  exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    echo "WARNING: not root and no sudo; install ${need[*]} yourself." >&2
+    exit 0
+  fi
+fi
+echo "installing Debian packages: ${need[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny demo slides, isolated MIHD/Dagster homes, the real sample data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MIHD_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only real samples beside the project; tests using them skip when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real sample data not present at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_slides(tmp_path_factory) -> Path:
+    """Two tiny synthetic slides (same generator as the demo), written once per session."""
+    from mihd_assets.demo.visium import generate_demo_slides, tiny_spec
+
+    root = tmp_path_factory.mktemp("tiny_visium")
+    generate_demo_slides(root, n_slides=2, spec=tiny_spec())
+    return root
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `mihd ...` in a fresh interpreter (Definitions read their paths from the environment)."""
+    full_env = {**os.environ, **env}
+    return subprocess.run(
+        [sys.executable, "-m", "dagster_project.cli", *args],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def home_env(home: Path, data_root: Path) -> dict[str, str]:
+    return {
+        "MIHD_HOME": str(home),
+        "DAGSTER_HOME": str(home / "dagster_home"),
+        "MIHD_DATA_ROOT": str(data_root),
+    }
+
+
+@pytest.fixture(scope="session")
+def materialized_home(tmp_path_factory, tiny_slides) -> dict[str, str]:
+    """A MIHD home where every asset of the two tiny slides has been materialized."""
+    home = tmp_path_factory.mktemp("mihd_home")
+    env = home_env(home, tiny_slides)
+    result = run_cli(["materialize"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return env

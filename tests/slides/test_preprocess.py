@@ -1,0 +1,64 @@
+"""Preprocessing presets: explicit order, raw counts kept, overrides recorded."""
+
+import numpy as np
+import pytest
+import scanpy as sc
+
+from mihd_assets.slides.io import read_visium_slide
+from mihd_assets.slides.preprocess import PreprocessError, preprocess
+
+
+@pytest.fixture(scope="module")
+def raw(tiny_slides):
+    return read_visium_slide(tiny_slides / "demo_01")
+
+
+def test_staig_preset_matches_reference_order(raw):
+    out, ran, _ = preprocess(raw, "staig")
+    assert [s.split("(")[0] for s in ran] == [
+        "filter_genes", "highly_variable_genes", "normalize_total", "log1p", "scale", "subset_highly_variable",
+    ]
+    assert "flavor=seurat_v3" in ran[1] and "zero_center=False" in ran[4] and "max_value=10.0" in ran[4]
+    # Same result as running STAIG's order by hand with scanpy.
+    ref = raw.copy()
+    sc.pp.filter_genes(ref, min_cells=1)
+    sc.pp.highly_variable_genes(ref, flavor="seurat_v3", n_top_genes=min(3000, ref.n_vars))
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    ref.X = ref.X.toarray()
+    sc.pp.scale(ref, zero_center=False, max_value=10)
+    ref = ref[:, ref.var["highly_variable"]]
+    assert list(out.var_names) == list(ref.var_names)
+    np.testing.assert_allclose(out.X, ref.X, rtol=1e-5, atol=1e-6)
+    assert out.X.min() >= 0 and out.X.max() <= 10  # no centring, clipped at 10
+
+
+def test_raw_counts_kept_and_steps_recorded(raw):
+    out, ran, notes = preprocess(raw, "standard")
+    assert out.uns["preprocess"]["preset"] == "standard"
+    assert list(out.uns["preprocess"]["steps"]) == ran
+    counts = out.layers["counts"]
+    assert np.allclose(counts.data, np.round(counts.data))
+    # Fewer genes than n_top_genes is said, not hidden.
+    assert any("n_top_genes 3000" in n for n in notes)
+    assert abs(float(np.asarray(out.X).mean())) < 1e-4  # zero-centred
+
+
+def test_override_changes_order_and_is_flagged(raw):
+    out, ran, _ = preprocess(raw, "staig", ["normalize_total", "log1p", "highly_variable_genes", "subset_highly_variable"])
+    assert [s.split("(")[0] for s in ran] == ["normalize_total", "log1p", "highly_variable_genes", "subset_highly_variable"]
+    assert out.uns["preprocess"]["override"] is True
+
+
+def test_unknown_preset_and_step(raw):
+    with pytest.raises(PreprocessError, match="unknown preset 'nope'"):
+        preprocess(raw, "nope")
+    with pytest.raises(PreprocessError, match="unknown preprocessing step 'magic'"):
+        preprocess(raw, "standard", ["magic"])
+
+
+def test_non_integer_counts_rejected(raw):
+    bad = raw.copy()
+    bad.layers["counts"] = bad.layers["counts"] * 0.5
+    with pytest.raises(PreprocessError, match="non-negative integer counts"):
+        preprocess(bad, "staig")
