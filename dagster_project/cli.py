@@ -37,6 +37,10 @@ def _step_errors(result) -> list[str]:
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
             err = event.event_specific_data.error
+            # Dagster wraps user errors ("Error occurred while executing op ..."); the root
+            # cause is the message that names the file and the problem.
+            while err is not None and err.cause is not None:
+                err = err.cause
             errors.append(f"{event.step_key}: {err.message.strip() if err else 'failed'}")
     return errors
 

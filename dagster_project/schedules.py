@@ -29,6 +29,7 @@ def slide_backfill_schedule(context: ScheduleEvaluationContext, storage: Storage
     graph = context.repository_def.asset_graph
     job = context.repository_def.get_job(SLIDE_JOB_NAME)
     keys = set(job.asset_layer.executable_asset_keys)
+    tick = context.scheduled_execution_time.isoformat()
     requests, blocked = [], []
     for slide in context.instance.get_dynamic_partitions(slides_partitions.name):
         plan = plan_for_graph(
@@ -41,6 +42,7 @@ def slide_backfill_schedule(context: ScheduleEvaluationContext, storage: Storage
                 RunRequest(
                     partition_key=slide,
                     asset_selection=plan.to_materialize,
+                    run_key=f"backfill:{slide}:{tick}",
                     tags={"mihd/reason": "backfill"},
                 )
             )

@@ -207,7 +207,7 @@ preprocessed_slides = [_preprocessed_factory(p) for p in MATERIALIZED_PRESETS]
     partitions_def=slides_partitions,
     pool=DUCKDB_WRITER_POOL,
     code_version="1",
-    kinds={"duckdb"},
+    kinds={"python", "duckdb"},
 )
 def slide_qc_metrics(
     context: AssetExecutionContext,

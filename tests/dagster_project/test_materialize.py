@@ -1,0 +1,104 @@
+"""End to end through a real Dagster instance and a real DuckDB file, via `mihd materialize`."""
+
+import shutil
+
+import duckdb
+import numpy as np
+import pytest
+import tifffile
+from dagster import AssetKey, DagsterInstance
+from dagster._core.instance.ref import InstanceRef
+
+from tests.conftest import home_env, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _db(env):
+    return duckdb.connect(f"{env['MIHD_HOME']}/mihd.duckdb", read_only=True)
+
+
+def _instance(env):
+    return DagsterInstance.from_ref(InstanceRef.from_dir(env["DAGSTER_HOME"]))
+
+
+def test_first_run_materializes_everything(materialized_home):
+    with _db(materialized_home) as con:
+        qc = con.execute("SELECT slide_id, n_spots, frac_spots_on_tissue_image FROM slide_qc ORDER BY 1").fetchall()
+        assert [r[0] for r in qc] == ["demo_01", "demo_02"]
+        assert all(r[1] > 50 and r[2] >= 0.95 for r in qc)
+        assert con.execute("SELECT count(*) FROM slide_image_checks WHERE passed").fetchone()[0] == 6
+        presets = con.execute("SELECT slide_id, preset, steps FROM preprocessing_latest ORDER BY 1, 2").fetchall()
+        assert [(s, p) for s, p, _ in presets] == [
+            ("demo_01", "staig"), ("demo_01", "standard"), ("demo_02", "staig"), ("demo_02", "standard"),
+        ]
+        assert presets[0][2].startswith("filter_genes(min_cells=1) -> highly_variable_genes(flavor=seurat_v3")
+    instance = _instance(materialized_home)
+    for key in ("raw_slide", "preprocessed_slide_staig", "slide_qc_metrics"):
+        mats = instance.get_materialized_partitions(AssetKey(["slides", key]))
+        assert mats == {"demo_01", "demo_02"}, key
+
+
+def test_second_run_recomputes_nothing_and_sql_cli_reads(materialized_home):
+    instance = _instance(materialized_home)
+    runs_before = len(instance.get_run_records())
+    result = run_cli(["materialize"], materialized_home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("fresh, nothing to do") == 2
+    assert len(_instance(materialized_home).get_run_records()) == runs_before
+    out = run_cli(["sql", "SELECT slide_id, n_spots FROM slide_qc_latest ORDER BY slide_id"], materialized_home)
+    assert out.returncode == 0 and "demo_01" in out.stdout and "(2 rows)" in out.stdout
+    refused = run_cli(["sql", "DROP TABLE slide_qc"], materialized_home)
+    assert refused.returncode != 0 and "read-only" in refused.stderr
+
+
+@pytest.fixture
+def mixed_root(tiny_slides, tmp_path):
+    root = tmp_path / "root"
+    for name in ("demo_01", "demo_02"):
+        shutil.copytree(tiny_slides / name, root / name)
+    return root
+
+
+def test_bad_partition_fails_alone_and_rows_stay(mixed_root, tmp_path):
+    env = home_env(tmp_path / "home", mixed_root)
+    assert run_cli(["materialize"], env).returncode == 0
+    with _db(env) as con:
+        before = con.execute("SELECT * FROM slide_qc ORDER BY slide_id").fetchall()
+
+    broken = mixed_root / "broken_slide"
+    shutil.copytree(mixed_root / "demo_01", broken)
+    (broken / "spatial" / "scalefactors_json.json").unlink()
+    result = run_cli(["materialize"], env)
+    assert result.returncode == 1
+    assert "broken_slide: FAILED" in result.stdout
+    assert "slide 'broken_slide'" in result.stdout and "scalefactors_json.json: scale factors file is missing" in result.stdout
+    assert result.stdout.count("fresh, nothing to do") == 2
+    with _db(env) as con:
+        assert con.execute("SELECT * FROM slide_qc ORDER BY slide_id").fetchall() == before
+
+    # Re-materializing a partition after a code-independent input change replaces its rows.
+    (mixed_root / "demo_02" / "metadata.tsv").touch()
+    result = run_cli(["materialize", "--partition", "demo_02"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "input files changed" in result.stdout
+    with _db(env) as con:
+        assert con.execute("SELECT count(*) FROM slide_qc WHERE slide_id = 'demo_02'").fetchone()[0] == 1
+        assert con.execute("SELECT count(*) FROM preprocessing_runs WHERE slide_id = 'demo_02'").fetchone()[0] == 2
+
+
+def test_failed_tissue_check_blocks_downstream(mixed_root, tmp_path):
+    """A full-res image with no tissue: raw_slide's blocking check fails, nothing downstream
+    runs, and later runs report the slide as blocked instead of retrying it forever."""
+    shutil.rmtree(mixed_root / "demo_02")
+    tif = next((mixed_root / "demo_01").glob("*.tif"))
+    flat = np.full_like(tifffile.imread(tif), 235)
+    tifffile.imwrite(tif, flat, tile=(256, 256), photometric="rgb")
+    env = home_env(tmp_path / "home", mixed_root)
+    result = run_cli(["materialize"], env)
+    assert result.returncode == 1
+    assert "spots_on_tissue" in result.stdout or "FAILED" in result.stdout
+    instance = _instance(env)
+    assert instance.get_materialized_partitions(AssetKey(["slides", "preprocessed_slide_standard"])) == set()
+    again = run_cli(["materialize"], env)
+    assert again.returncode == 1 and "blocked" in again.stdout and "fix the input files" in again.stdout
