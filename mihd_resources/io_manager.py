@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pathlib import Path
 
-import anndata as ad
 from dagster import ConfigurableIOManager, InputContext, OutputContext
 
 from mihd_assets.fileio import atomic_path
+
+if TYPE_CHECKING:
+    import anndata as ad
 
 
 class AnnDataIOManager(ConfigurableIOManager):
@@ -24,6 +28,8 @@ class AnnDataIOManager(ConfigurableIOManager):
         return Path(self.base_dir, *key_path, f"{partition}.h5ad")
 
     def handle_output(self, context: OutputContext, obj: ad.AnnData) -> None:
+        import anndata as ad
+
         if not isinstance(obj, ad.AnnData):
             raise TypeError(f"{context.asset_key.to_user_string()}: expected AnnData, got {type(obj).__name__}")
         path = self._path(context)
@@ -38,4 +44,6 @@ class AnnDataIOManager(ConfigurableIOManager):
                 f"{context.upstream_output.asset_key.to_user_string() if context.upstream_output else ''}: "
                 f"no stored file {path}; materialize the upstream partition first"
             )
+        import anndata as ad
+
         return ad.read_h5ad(path)

@@ -3,7 +3,6 @@
 
 import time
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 from dagster import (
@@ -150,7 +149,7 @@ def _preprocessed_factory(preset: str):
             "Raw counts stay in `layers['counts']`; the steps that ran are in `uns['preprocess']`."
         ),
     )
-    def _asset(context: AssetExecutionContext, config: PreprocessConfig, raw: ad.AnnData):
+    def _asset(context: AssetExecutionContext, config: PreprocessConfig, raw):
         slide_id = context.partition_key
         gate = raw.uns.get("mihd_checks", {}).get(SPOTS_ON_TISSUE, {})
         if not gate.get("passed", False):
@@ -212,9 +211,9 @@ preprocessed_slides = [_preprocessed_factory(p) for p in MATERIALIZED_PRESETS]
 def slide_qc_metrics(
     context: AssetExecutionContext,
     metrics: MetricsStore,
-    raw: ad.AnnData,
-    pre_standard: ad.AnnData,
-    pre_staig: ad.AnnData,
+    raw,
+    pre_standard,
+    pre_staig,
 ) -> MaterializeResult:
     """QC numbers of one slide into DuckDB: `slide_qc` (spots, genes, UMI, tissue
     fractions), `slide_image_checks` (one row per image and scale factor) and

@@ -18,13 +18,17 @@ column 1 = y (image row), ``uns["spatial"][slide]`` with ``scalefactors``, ``ima
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
+
+if TYPE_CHECKING:
+    import anndata as ad
 import pandas as pd
 
 log = logging.getLogger(__name__)

@@ -11,11 +11,15 @@ max_value=10); its model input is the 3,000-HVG matrix, not PCA.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 from dataclasses import dataclass, field
 
-import anndata as ad
 import numpy as np
+
+if TYPE_CHECKING:
+    import anndata as ad
 import scipy.sparse as sp
 
 log = logging.getLogger(__name__)

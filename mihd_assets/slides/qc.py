@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import anndata as ad
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import anndata as ad
 import scipy.sparse as sp
 
 
