@@ -21,7 +21,7 @@ from dagster import (
 
 from dagster_project.partitions import slides_partitions
 from mihd_assets.fileio import tree_fingerprint
-from mihd_resources import MetricsStore, StorageResource
+from mihd_resources import MetricsStore, StorageResource, settings
 from mihd_resources.metrics_store import DUCKDB_WRITER_POOL
 
 from .coords import check_slide_images
@@ -96,6 +96,7 @@ def raw_slide(context: AssetExecutionContext, storage: StorageResource):
             "truth_source": meta["truth_source"],
             "n_labelled": int(adata.obs["truth"].notna().sum()) if "truth" in adata.obs else 0,
             "input_fingerprint": fingerprint,
+            "profile": settings.profile(),
             "tissue_check_passed": passed,
             "seconds": round(time.perf_counter() - started, 3),
         },
@@ -174,6 +175,7 @@ def _preprocessed_factory(preset: str):
             out,
             metadata={
                 "preset": preset,
+                "profile": settings.profile(),
                 "steps": MetadataValue.json(ran),
                 "override": bool(override),
                 "notes": MetadataValue.json(notes),

@@ -37,6 +37,11 @@ def test_first_run_materializes_everything(materialized_home):
     for key in ("raw_slide", "preprocessed_slide_staig", "slide_qc_metrics"):
         mats = instance.get_materialized_partitions(AssetKey(["slides", key]))
         assert mats == {"demo_01", "demo_02"}, key
+    event = instance.get_latest_materialization_event(AssetKey(["slides", "raw_slide"]))
+    meta = event.asset_materialization.metadata
+    assert meta["profile"].value == "full"  # `mihd materialize` without `demo`
+    assert meta["tissue_check_passed"].value is True
+    assert meta["truth_source"].value == "metadata.tsv:layer_guess_reordered"
 
 
 def test_second_run_recomputes_nothing_and_sql_cli_reads(materialized_home):
