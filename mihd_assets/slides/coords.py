@@ -56,6 +56,10 @@ class LazyImage:
     def width(self) -> int:
         return int(self.shape[1])
 
+    def window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0:y1, x0:x1] (inside the image); only the tiles it touches are decoded."""
+        return np.asarray(self._array[y0:y1, x0:x1])
+
     def strided(self, step: int) -> np.ndarray:
         """Every ``step``-th pixel, read in horizontal bands to bound memory."""
         rows = []

@@ -1,0 +1,1 @@
+"""Embeddings: spot patch datasets and vision encoders (gene encoders live beside them)."""
