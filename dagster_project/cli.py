@@ -140,6 +140,9 @@ def cmd_sql(args) -> int:
 
 def cmd_demo(args) -> int:
     os.environ.setdefault("MIHD_PROFILE", "demo")
+    # Offline demo: encoders without local weights run randomly initialised, and every
+    # result says `weights: random` (metadata, DuckDB, the weights_not_random check).
+    os.environ.setdefault("MIHD_ALLOW_RANDOM_WEIGHTS", "1")
     if os.environ.get("MIHD_DATA_ROOT"):
         print("MIHD_DATA_ROOT is set; `mihd demo` runs on the embedded demo data only - unset it", file=sys.stderr)
         return 2

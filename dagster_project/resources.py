@@ -6,6 +6,8 @@ from dagster_duckdb import DuckDBResource
 
 from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
 from mihd_resources import settings
+from mihd_resources.embedding_io_manager import EmbeddingIOManager
+from mihd_resources.weights import ModelWeightsResource
 
 
 def build_resources() -> dict:
@@ -14,5 +16,7 @@ def build_resources() -> dict:
         "storage": StorageResource(slides_root=str(settings.slides_root())),
         "anndata_io_manager": AnnDataIOManager(base_dir=str(settings.storage_root())),
         "metrics": MetricsStore(duckdb=duckdb),
+        "embedding_io_manager": EmbeddingIOManager(base_dir=str(settings.storage_root())),
         "compute": ComputeResource(),
+        "weights": ModelWeightsResource(),
     }

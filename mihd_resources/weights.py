@@ -28,7 +28,7 @@ class ModelWeightsResource(ConfigurableResource):
     uni2: str = Field(default_factory=lambda: _env("MIHD_UNI2_WEIGHTS"))
     hipt: str = Field(default_factory=lambda: _env("MIHD_HIPT_WEIGHTS"))
     scgpt_dir: str = Field(default_factory=lambda: _env("MIHD_SCGPT_DIR"))
-    allow_random: bool = False
+    allow_random: bool = Field(default_factory=lambda: _env("MIHD_ALLOW_RANDOM_WEIGHTS") == "1")
 
     def path_for(self, model: str) -> Path | None:
         """The configured local path for ``model``, or None; a configured path that does

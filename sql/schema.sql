@@ -58,3 +58,24 @@ CREATE TABLE IF NOT EXISTS preprocessing_runs (
     n_genes_out     INTEGER,
     seconds         DOUBLE
 );
+
+CREATE TABLE IF NOT EXISTS embedding_runs (
+    asset_key          VARCHAR NOT NULL,
+    partition_key      VARCHAR NOT NULL,
+    run_id             VARCHAR NOT NULL,
+    code_version       VARCHAR,
+    written_at         TIMESTAMP NOT NULL,
+    slide_id           VARCHAR NOT NULL,
+    modality           VARCHAR NOT NULL,   -- gene / vision
+    encoder            VARCHAR NOT NULL,
+    variant            VARCHAR NOT NULL,   -- '' for gene encoders
+    config             VARCHAR,            -- full / tiny (small network of the same code)
+    profile            VARCHAR,            -- demo / full
+    n_spots            INTEGER,
+    dims               INTEGER,
+    weights            VARCHAR,            -- random / file:<sha> / pretrained / none
+    device             VARCHAR,
+    seconds            DOUBLE,
+    patches_per_second DOUBLE,
+    n_padded           INTEGER
+);

@@ -40,6 +40,17 @@ def preprocessed_key(preset: str) -> AssetKey:
     return AssetKey(["slides", f"preprocessed_slide_{preset}"])
 
 
+def require_tissue_check(raw, slide_id: str) -> None:
+    """Refuse to build on a slide whose coordinates missed its tissue (defence in depth:
+    the blocking check already stops downstream steps within one run)."""
+    gate = raw.uns.get("mihd_checks", {}).get(SPOTS_ON_TISSUE, {})
+    if not gate.get("passed", False):
+        raise ValueError(
+            f"slide '{slide_id}': raw_slide failed its {SPOTS_ON_TISSUE} check; fix the slide's "
+            "images or coordinates first"
+        )
+
+
 def slide_input_fingerprint(storage: StorageResource, slide_id: str) -> str:
     """Changes whenever any file of the slide folder changes (used for staleness)."""
     return tree_fingerprint(storage.slide_folder(slide_id))
@@ -152,12 +163,7 @@ def _preprocessed_factory(preset: str):
     )
     def _asset(context: AssetExecutionContext, config: PreprocessConfig, raw):
         slide_id = context.partition_key
-        gate = raw.uns.get("mihd_checks", {}).get(SPOTS_ON_TISSUE, {})
-        if not gate.get("passed", False):
-            raise ValueError(
-                f"slide '{slide_id}': raw_slide failed its {SPOTS_ON_TISSUE} check; fix the slide's "
-                "images or coordinates before preprocessing"
-            )
+        require_tissue_check(raw, slide_id)
         override = list(config.steps_override)
         if override:
             context.log.warning(

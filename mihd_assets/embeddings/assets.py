@@ -1,0 +1,246 @@
+"""Embedding assets: one per gene encoder and per vision encoder x patch variant, per slide.
+
+Each stores the raw embedding (SpotEmbedding .npz) with what produced it; the
+`embedding_runs_metrics` asset loads them and writes DuckDB `embedding_runs`.
+"""
+
+import tempfile
+import time
+from pathlib import Path
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetIn,
+    AssetKey,
+    MaterializeResult,
+    MetadataValue,
+    Output,
+    asset,
+)
+
+from dagster_project.k8s import GPU_POOL, gpu_op_tags
+from dagster_project.partitions import slides_partitions
+from mihd_assets.matrix import MATRIX
+from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key, require_tissue_check
+from mihd_resources import ComputeResource, MetricsStore, settings
+from mihd_resources.metrics_store import DUCKDB_WRITER_POOL
+from mihd_resources.weights import ModelWeightsResource
+
+from .store import SpotEmbedding
+
+GROUP = "embeddings"
+WEIGHTS_CHECK = "weights_not_random"
+
+
+def gene_key(encoder: str) -> AssetKey:
+    return AssetKey(["embeddings", f"gene_{encoder}"])
+
+
+def vision_key(encoder: str, variant: str) -> AssetKey:
+    return AssetKey(["embeddings", f"vision_{encoder}_{variant}"])
+
+
+def _weights_check(key: AssetKey, info: dict) -> AssetCheckResult:
+    random = str(info.get("weights", "")).startswith("random")
+    return AssetCheckResult(
+        check_name=WEIGHTS_CHECK,
+        asset_key=key,
+        passed=not random,
+        severity=AssetCheckSeverity.WARN,
+        description="embedding computed with randomly initialised weights" if random else None,
+        metadata={"weights": str(info.get("weights"))},
+    )
+
+
+def _weights_spec(key: AssetKey) -> AssetCheckSpec:
+    return AssetCheckSpec(
+        WEIGHTS_CHECK, asset=key, description="Warns when the encoder ran with random weights (demo/tests)."
+    )
+
+
+def _progress(context, label: str):
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 10 or done == total:
+            last[0] = now
+            context.log.info(f"{label}: {done}/{total} patches")
+
+    return report
+
+
+def _vision_factory(encoder: str, variant: str):
+    key = vision_key(encoder, variant)
+
+    @asset(
+        key=key,
+        ins={"raw": AssetIn(key=RAW_SLIDE)},
+        group_name=GROUP,
+        partitions_def=slides_partitions,
+        io_manager_key="embedding_io_manager",
+        pool=GPU_POOL,
+        op_tags=gpu_op_tags(),
+        code_version="1",
+        kinds={"pytorch", "timm"},
+        check_specs=[_weights_spec(key)],
+        description=(
+            f"Raw `{encoder}` (timm) embeddings of H&E patches around each spot, `{variant}` patch "
+            "variant, read lazily from the slide's highest-resolution image with coordinates scaled by "
+            "that image's own factor; stored before any normalization."
+        ),
+    )
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, weights: ModelWeightsResource, raw):
+        from .patches import SpotPatchDataset, highest_resolution_image, make_loader
+        from .vision import build_encoder, embed
+
+        slide_id = context.partition_key
+        require_tissue_check(raw, slide_id)
+        path = weights.path_for(encoder)
+        if path is None and not weights.allow_random:
+            raise ValueError(
+                f"slide '{slide_id}': no weights configured for vision encoder '{encoder}': set "
+                f"ModelWeightsResource.{encoder} (env MIHD_{encoder.upper()}_WEIGHTS) to a local state dict, "
+                "or allow_random=True (env MIHD_ALLOW_RANDOM_WEIGHTS=1) for a random-weights run"
+            )
+        tiny = settings.profile() == "demo"
+        model, info = build_encoder(encoder, weights_path=path, tiny=tiny)
+        if path is None:
+            context.log.warning(f"slide {slide_id}: {encoder} runs with RANDOM weights (no local weights configured)")
+        info_sp = raw.uns["spatial"][slide_id]
+        image_name, image_path, scale = highest_resolution_image(
+            dict(info_sp["metadata"]["image_paths"]), dict(info_sp["scalefactors"])
+        )
+        dataset = SpotPatchDataset(
+            image_path, raw.obsm["spatial"], scale, info["input_size"], info["mean"], info["std"], variant=variant
+        )
+        device = compute.torch_device()
+        loader = make_loader(
+            dataset, compute.batch_size, compute.num_workers, pin_memory=compute.pin_memory and device.type == "cuda"
+        )
+        result = embed(model, loader, device, amp=compute.use_amp(), progress_callback=_progress(context, f"{slide_id} {key.path[-1]}"))
+        record = {
+            **{k: v for k, v in info.items() if k not in ("mean", "std")},
+            "modality": "vision",
+            "variant": variant,
+            "image": image_name,
+            "profile": settings.profile(),
+            "device": str(device),
+            "amp_dtype": str(result.amp_dtype),
+            "seconds": round(result.seconds, 3),
+            "patches_per_second": round(result.patches_per_second, 2),
+            **dataset.describe(),
+        }
+        yield Output(
+            SpotEmbedding(result.embeddings, list(raw.obs_names), record),
+            metadata={
+                **{k: (MetadataValue.json(v) if isinstance(v, (dict, list, tuple)) else v) for k, v in record.items() if v is not None},
+                "dims": int(result.embeddings.shape[1]),
+            },
+        )
+        yield _weights_check(key, record)
+
+    return _asset
+
+
+def _gene_factory(encoder: str):
+    key = gene_key(encoder)
+
+    @asset(
+        key=key,
+        ins={"pre": AssetIn(key=preprocessed_key(MATRIX.gene_preset))},
+        group_name=GROUP,
+        partitions_def=slides_partitions,
+        io_manager_key="embedding_io_manager",
+        pool=GPU_POOL if encoder != "pca" else None,
+        op_tags=gpu_op_tags() if encoder != "pca" else None,
+        code_version="1",
+        kinds={"pytorch"} if encoder != "pca" else {"scikitlearn"},
+        check_specs=[_weights_spec(key)],
+        description=(
+            f"Raw `{encoder}` gene-expression embedding of each spot from "
+            f"`preprocessed_slide_{MATRIX.gene_preset}`; stored before any normalization."
+        ),
+    )
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, weights: ModelWeightsResource, pre):
+        from .gene import mlp_autoencoder_embedding, pca_embedding
+        from .scgpt import save_random_scgpt, scgpt_embedding
+
+        slide_id = context.partition_key
+        device = compute.torch_device()
+        demo = settings.profile() == "demo"
+        if encoder == "pca":
+            values, info = pca_embedding(pre, n_components=MATRIX.pca_components)
+            info["weights"] = "none (fitted per slide)"
+        elif encoder == "mlp":
+            epochs = 20 if demo else MATRIX.mlp_epochs
+            values, info = mlp_autoencoder_embedding(
+                pre, latent_dim=MATRIX.mlp_latent_dim, epochs=epochs, device=str(device), batch_size=compute.batch_size
+            )
+            info["weights"] = "none (trained per slide)"
+            info.pop("loss_history", None)
+        else:
+            model_dir = weights.path_for("scgpt")
+            if model_dir is None and weights.allow_random:
+                context.log.warning(f"slide {slide_id}: scGPT runs with RANDOM weights (MIHD_SCGPT_DIR not set)")
+                with tempfile.TemporaryDirectory() as tmp:
+                    random_dir = save_random_scgpt(Path(tmp) / "scgpt", list(pre.var_names))
+                    values, info = scgpt_embedding(pre, random_dir, device=device, batch_size=compute.batch_size, amp=compute.use_amp())
+                info["config"] = "tiny"  # save_random_scgpt's small network of the same code
+            else:
+                values, info = scgpt_embedding(pre, model_dir, device=device, batch_size=compute.batch_size, amp=compute.use_amp())
+        record = {**info, "encoder": encoder, "modality": "gene", "variant": "", "profile": settings.profile(), "device": str(device)}
+        yield Output(
+            SpotEmbedding(values, list(pre.obs_names), record),
+            metadata={
+                **{k: (MetadataValue.json(v) if isinstance(v, (dict, list, tuple)) else v) for k, v in record.items() if v is not None},
+                "dims": int(values.shape[1]),
+            },
+        )
+        yield _weights_check(key, record)
+
+    return _asset
+
+
+gene_embeddings = [_gene_factory(e) for e in MATRIX.gene_encoders]
+vision_embeddings = [_vision_factory(e, v) for e in MATRIX.vision_encoders for v in MATRIX.vision_variants]
+ALL_EMBEDDING_KEYS = [gene_key(e) for e in MATRIX.gene_encoders] + [
+    vision_key(e, v) for e in MATRIX.vision_encoders for v in MATRIX.vision_variants
+]
+
+
+@asset(
+    key=AssetKey(["embeddings", "embedding_runs_metrics"]),
+    ins={"_".join(k.path[1:]): AssetIn(key=k) for k in ALL_EMBEDDING_KEYS},
+    group_name=GROUP,
+    partitions_def=slides_partitions,
+    pool=DUCKDB_WRITER_POOL,
+    code_version="1",
+    kinds={"python", "duckdb"},
+)
+def embedding_runs_metrics(context: AssetExecutionContext, metrics: MetricsStore, **embeddings) -> MaterializeResult:
+    """One DuckDB `embedding_runs` row per embedding of this slide: modality, encoder,
+    variant, dims, weights source, device, seconds, patches/s (read from the stored files)."""
+    rows = []
+    for emb in embeddings.values():
+        info = emb.info
+        rows.append({
+            "slide_id": context.partition_key,
+            "modality": info.get("modality"),
+            "encoder": info.get("encoder"),
+            "variant": info.get("variant") or "",
+            "config": info.get("config", "full"),
+            "profile": info.get("profile"),
+            "n_spots": int(emb.values.shape[0]),
+            "dims": int(emb.values.shape[1]),
+            "weights": str(info.get("weights")),
+            "device": info.get("device"),
+            "seconds": float(info.get("seconds") or 0.0),
+            "patches_per_second": info.get("patches_per_second"),
+            "n_padded": info.get("n_padded"),
+        })
+    written = metrics.write(context, {"embedding_runs": rows})
+    return MaterializeResult(metadata={"rows_written": MetadataValue.json(written)})

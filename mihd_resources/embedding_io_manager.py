@@ -1,0 +1,30 @@
+"""IO manager for spot embeddings: ``<base_dir>/<asset key path>/<partition>.npz``, atomic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import ConfigurableIOManager, InputContext, OutputContext
+
+from mihd_assets.embeddings.store import SpotEmbedding
+
+
+class EmbeddingIOManager(ConfigurableIOManager):
+    base_dir: str
+
+    def _path(self, context: OutputContext | InputContext) -> Path:
+        partition = context.asset_partition_key if context.has_asset_partitions else "__all__"
+        return Path(self.base_dir, *context.asset_key.path, f"{partition}.npz")
+
+    def handle_output(self, context: OutputContext, obj: SpotEmbedding) -> None:
+        if not isinstance(obj, SpotEmbedding):
+            raise TypeError(f"{context.asset_key.to_user_string()}: expected SpotEmbedding, got {type(obj).__name__}")
+        path = self._path(context)
+        obj.save(path)
+        context.add_output_metadata({"path": str(path), "shape": list(obj.values.shape)})
+
+    def load_input(self, context: InputContext) -> SpotEmbedding:
+        path = self._path(context)
+        if not path.is_file():
+            raise FileNotFoundError(f"no stored embedding {path}; materialize the upstream partition first")
+        return SpotEmbedding.load(path)
