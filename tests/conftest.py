@@ -45,6 +45,9 @@ def home_env(home: Path, data_root: Path) -> dict[str, str]:
         "MIHD_HOME": str(home),
         "DAGSTER_HOME": str(home / "dagster_home"),
         "MIHD_DATA_ROOT": str(data_root),
+        # Small networks of the same code, random weights (recorded as such): CPU-sized.
+        "MIHD_PROFILE": "demo",
+        "MIHD_ALLOW_RANDOM_WEIGHTS": "1",
     }
 
 

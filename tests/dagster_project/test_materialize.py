@@ -33,13 +33,19 @@ def test_first_run_materializes_everything(materialized_home):
             ("demo_01", "staig"), ("demo_01", "standard"), ("demo_02", "staig"), ("demo_02", "standard"),
         ]
         assert presets[0][2].startswith("filter_genes(min_cells=1) -> highly_variable_genes(flavor=seurat_v3")
+        runs = con.execute(
+            "SELECT modality, count(*), count(DISTINCT encoder), bool_and(weights = 'random') "
+            "FROM embedding_runs WHERE slide_id = 'demo_01' AND encoder <> 'pca' AND encoder <> 'mlp' GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        assert runs == [("gene", 1, 1, True), ("vision", 12, 4, True)]
+        assert con.execute("SELECT count(*) FROM embedding_runs").fetchone()[0] == 2 * 15
     instance = _instance(materialized_home)
     for key in ("raw_slide", "preprocessed_slide_staig", "slide_qc_metrics"):
         mats = instance.get_materialized_partitions(AssetKey(["slides", key]))
         assert mats == {"demo_01", "demo_02"}, key
     event = instance.get_latest_materialization_event(AssetKey(["slides", "raw_slide"]))
     meta = event.asset_materialization.metadata
-    assert meta["profile"].value == "full"  # `mihd materialize` without `demo`
+    assert meta["profile"].value == "demo"
     assert meta["tissue_check_passed"].value is True
     assert meta["truth_source"].value == "metadata.tsv:layer_guess_reordered"
 
