@@ -61,6 +61,11 @@ def _weights_spec(key: AssetKey) -> AssetCheckSpec:
     )
 
 
+def _as_metadata(record: dict) -> dict:
+    """The run record as Dagster metadata (nested values as JSON, missing values left out)."""
+    return {k: (MetadataValue.json(v) if isinstance(v, (dict, list, tuple)) else v) for k, v in record.items() if v is not None}
+
+
 def _progress(context, label: str):
     last = [0.0]
 
@@ -137,7 +142,7 @@ def _vision_factory(encoder: str, variant: str):
         yield Output(
             SpotEmbedding(result.embeddings, list(raw.obs_names), record),
             metadata={
-                **{k: (MetadataValue.json(v) if isinstance(v, (dict, list, tuple)) else v) for k, v in record.items() if v is not None},
+                **_as_metadata(record),
                 "dims": int(result.embeddings.shape[1]),
             },
         )
@@ -196,7 +201,7 @@ def _gene_factory(encoder: str):
         yield Output(
             SpotEmbedding(values, list(pre.obs_names), record),
             metadata={
-                **{k: (MetadataValue.json(v) if isinstance(v, (dict, list, tuple)) else v) for k, v in record.items() if v is not None},
+                **_as_metadata(record),
                 "dims": int(values.shape[1]),
             },
         )
