@@ -1,0 +1,92 @@
+"""Embedding assets through Dagster: bad weights, missing settings and missing images fail
+the one partition with a message naming the file or setting; other partitions still run."""
+
+import shutil
+
+import pytest
+import torch
+from dagster import DagsterInstance, materialize
+from dagster_duckdb import DuckDBResource
+
+from mihd_assets.embeddings import assets as emb
+from mihd_assets.embeddings.store import SpotEmbedding
+from mihd_assets.embeddings.vision import create_encoder_model
+from mihd_assets.slides import assets as slides
+from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
+from mihd_resources.embedding_io_manager import EmbeddingIOManager
+from mihd_resources.weights import ModelWeightsResource
+
+VISION_UNI = next(a for a in emb.vision_embeddings if a.key == emb.vision_key("uni", "standard"))
+
+
+@pytest.fixture
+def env(tiny_slides, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIHD_PROFILE", "demo")
+    root = tmp_path / "root"
+    for name in ("demo_01", "demo_02"):
+        shutil.copytree(tiny_slides / name, root / name)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("slides", ["demo_01", "demo_02"])
+    resources = {
+        "storage": StorageResource(slides_root=str(root)),
+        "anndata_io_manager": AnnDataIOManager(base_dir=str(tmp_path / "store")),
+        "embedding_io_manager": EmbeddingIOManager(base_dir=str(tmp_path / "store")),
+        "compute": ComputeResource(device="cpu", batch_size=32, num_workers=0),
+        "metrics": MetricsStore(duckdb=DuckDBResource(database=str(tmp_path / "m.duckdb"))),
+    }
+    return root, instance, resources, tmp_path
+
+
+def _run(instance, resources, weights, partition, assets, selection=None):
+    return materialize(
+        assets, partition_key=partition, instance=instance, raise_on_error=False,
+        resources={**resources, "weights": weights}, selection=selection,
+    )
+
+
+def _error(result) -> str:
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failures, "expected a step failure"
+    err = failures[0].event_specific_data.error
+    while err.cause is not None:
+        err = err.cause
+    return err.message
+
+
+def test_random_weights_run_is_recorded(env):
+    root, instance, resources, tmp = env
+    result = _run(instance, resources, ModelWeightsResource(allow_random=True), "demo_01", [slides.raw_slide, VISION_UNI])
+    assert result.success
+    stored = SpotEmbedding.load(tmp / "store" / "embeddings" / "vision_uni_standard" / "demo_01.npz")
+    assert stored.info["weights"] == "random" and stored.info["config"] == "tiny"
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == emb.WEIGHTS_CHECK]
+    assert not check.passed  # random weights are flagged, never hidden
+
+
+def test_no_weights_configured_names_the_setting(env):
+    root, instance, resources, _ = env
+    result = _run(instance, resources, ModelWeightsResource(allow_random=False, uni=""), "demo_01", [slides.raw_slide, VISION_UNI])
+    assert not result.success
+    message = _error(result)
+    assert "slide 'demo_01'" in message and "ModelWeightsResource.uni" in message and "MIHD_UNI_WEIGHTS" in message
+
+
+def test_wrong_architecture_weights_name_the_file(env):
+    root, instance, resources, tmp = env
+    wrong = tmp / "resnet_as_uni.pth"
+    torch.save(create_encoder_model("resnet50", tiny=True).state_dict(), wrong)
+    result = _run(instance, resources, ModelWeightsResource(uni=str(wrong)), "demo_01", [slides.raw_slide, VISION_UNI])
+    assert not result.success
+    message = _error(result)
+    assert "resnet_as_uni.pth" in message and ("missing" in message or "unexpected" in message)
+
+
+def test_missing_image_fails_that_slide_only(env):
+    root, instance, resources, _ = env
+    weights = ModelWeightsResource(allow_random=True)
+    assert _run(instance, resources, weights, "demo_02", [slides.raw_slide]).success
+    next((root / "demo_02").glob("*.tif")).unlink()  # image gone after raw_slide was stored
+    result = _run(instance, resources, weights, "demo_02", [slides.raw_slide, VISION_UNI], selection=[VISION_UNI.key])
+    assert not result.success
+    assert "demo_02_full_image.tif" in _error(result)
+    assert _run(instance, resources, weights, "demo_01", [slides.raw_slide, VISION_UNI]).success
