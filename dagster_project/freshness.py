@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
-from dagster._core.definitions.events import AssetMaterialization
+from dagster import AssetKey, AssetMaterialization, AssetRecordsFilter, DagsterInstance
 
 CODE_VERSION_TAG = "dagster/code_version"
 

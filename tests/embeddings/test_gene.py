@@ -7,25 +7,9 @@ from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from mihd_assets.embeddings.gene import GeneEmbeddingInputError, mlp_autoencoder_embedding, pca_embedding
-from mihd_assets.slides.io import read_visium_slide
-from mihd_assets.slides.preprocess import preprocess
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: one thread is faster, and immune to CPU contention from parallel test runs."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def slide(tiny_slides):
-    out, _, _ = preprocess(read_visium_slide(tiny_slides / "demo_01"), "standard")
-    return out
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_adata(n_obs, n_vars, seed=0):

@@ -20,23 +20,9 @@ from mihd_assets.embeddings.scgpt import (
     scgpt_embedding,
     tokenize_cells,
 )
-from mihd_assets.slides.io import read_visium_slide
-from mihd_assets.slides.preprocess import preprocess
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: one thread is faster, and immune to CPU contention from parallel test runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def slide(tiny_slides):
-    out, _, _ = preprocess(read_visium_slide(tiny_slides / "demo_01"), "standard")
-    return out
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
