@@ -149,6 +149,14 @@ def cmd_demo(args) -> int:
     started = time.perf_counter()
     cmd_demo_data(argparse.Namespace(slides=DEMO_SLIDES))
     code = cmd_materialize(argparse.Namespace(partition=None, dry_run=False, verbose=args.verbose))
+    from dagster_project.families import family_demos
+
+    for name, run_demo in family_demos():
+        family_started = time.perf_counter()
+        print(f"\n== {name} ==", flush=True)
+        failures = run_demo(_instance(), verbose=args.verbose)
+        print(f"{name}: {failures} failure(s), {time.perf_counter() - family_started:.1f} s", flush=True)
+        code = code or (1 if failures else 0)
     home = settings.mihd_home()
     print(
         f"\nDemo finished in {time.perf_counter() - started:.1f} s (profile: {settings.profile()}).\n"

@@ -1,4 +1,8 @@
-"""The one Definitions object of the MIHD platform (loaded by workspace.yaml)."""
+"""The one Definitions object of the MIHD platform (loaded by workspace.yaml).
+
+The slide pipeline (slides, embeddings, fusion) is assembled here; the other research
+families bring their own ``Definitions`` (see ``families.py``) and are merged in.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from dagster import Definitions, load_assets_from_modules
 from mihd_assets.embeddings import assets as embedding_assets
 from mihd_assets.slides import assets as slide_assets
 
+from .families import family_definitions
 from .jobs import build_slide_job
 from .resources import build_resources
 from .schedules import slide_backfill_schedule
@@ -14,10 +19,12 @@ from .sensors import slide_discovery_sensor
 
 all_assets = load_assets_from_modules([slide_assets, embedding_assets])
 
-defs = Definitions(
+slide_defs = Definitions(
     assets=all_assets,
     jobs=[build_slide_job(all_assets)],
     sensors=[slide_discovery_sensor],
     schedules=[slide_backfill_schedule],
     resources=build_resources(),
 )
+
+defs = Definitions.merge(slide_defs, *family_definitions())

@@ -25,8 +25,12 @@ BOOKKEEPING = ("asset_key", "partition_key", "run_id", "code_version", "written_
 
 
 def schema_statements(sql_dir: Path = SQL_DIR) -> list[str]:
-    """``schema.sql`` first, then every view in ``views/`` in name order."""
-    files = [sql_dir / "schema.sql", *sorted((sql_dir / "views").glob("*.sql"))]
+    """``schema.sql`` first, then each family's ``tables/*.sql``, then ``views/*.sql`` (name order)."""
+    files = [
+        sql_dir / "schema.sql",
+        *sorted((sql_dir / "tables").glob("*.sql")),
+        *sorted((sql_dir / "views").glob("*.sql")),
+    ]
     return [f.read_text() for f in files]
 
 

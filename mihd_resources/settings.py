@@ -26,6 +26,18 @@ def slides_root() -> Path:
     return Path(env).resolve() if env else demo_root() / "visium"
 
 
+def tiles_root() -> Path:
+    """Immunofluorescence tiles, one folder per donor (``MIHD_TILES_ROOT``; demo default)."""
+    env = os.environ.get("MIHD_TILES_ROOT")
+    return Path(env).resolve() if env else demo_root() / "rosmap" / "tiles"
+
+
+def clinical_table() -> Path:
+    """The donors' clinical outcomes table (``MIHD_CLINICAL``; demo default)."""
+    env = os.environ.get("MIHD_CLINICAL")
+    return Path(env).resolve() if env else demo_root() / "rosmap" / "clinical.csv"
+
+
 def storage_root() -> Path:
     return Path(os.environ.get("MIHD_STORAGE", mihd_home() / "storage")).resolve()
 
