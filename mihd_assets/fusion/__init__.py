@@ -1,0 +1,1 @@
+"""Fusion of gene and vision embeddings, clustering, refinement, metrics and image-only methods."""
