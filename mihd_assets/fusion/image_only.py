@@ -26,14 +26,14 @@ from sklearn.cluster import KMeans
 from sklearn.neighbors import NearestNeighbors
 from torch import Tensor, nn
 
-from .losses import byol_regression_loss, scan_loss, stego_correspondence_loss, unit_rows
+from .losses import byol_regression_loss, cosine_correlation, scan_loss, stego_correspondence_loss, unit_rows
 from .trained import (
     FusionInputError,
     ProgressCallback,
     batches,
     check_embedding,
     check_hyperparameters,
-    seeded_torch,
+    training_context,
     train_epochs,
 )
 
@@ -169,7 +169,7 @@ def scan_clustering(
     start = time.perf_counter()
     neighbours_np = nearest_neighbors(x_np, n_neighbors)
     total_epochs = epochs + self_label_epochs
-    with seeded_torch(seed, dev) as generator:
+    with training_context(seed, dev) as generator:
         model = _ScanModel(x_np.shape[1], hidden_dim, n_clusters, n_heads, dropout).to(dev)
         x = torch.tensor(x_np, device=dev)
         neighbours = torch.tensor(neighbours_np, device=dev)
@@ -200,9 +200,15 @@ def scan_clustering(
         best_head = int(np.argmin(head_losses))
 
         self_label_history: list[float] = []
-        confident_fraction = None
+        confident_before = confident_after = None
         if self_label_epochs > 0:
             head = model.heads[best_head]
+            confident_before = float((F.softmax(all_logits[best_head], dim=1).max(dim=1).values
+                                      > confidence_threshold).float().mean())
+            if confident_before == 0:
+                log.warning("%s: no spot is predicted above confidence_threshold=%s after SCAN training; "
+                            "self-labelling has nothing to learn from and leaves the SCAN labels as they are",
+                            method, confidence_threshold)
             optimizer = torch.optim.AdamW([*model.backbone.parameters(), *head.parameters()], lr=lr,
                                           weight_decay=weight_decay)
 
@@ -230,7 +236,7 @@ def scan_clustering(
             probs = F.softmax(model.heads[best_head](features), dim=1)
             labels = probs.argmax(dim=1).cpu().numpy().astype(np.int64)
             if self_label_epochs > 0:
-                confident_fraction = float((probs.max(dim=1).values > confidence_threshold).float().mean())
+                confident_after = float((probs.max(dim=1).values > confidence_threshold).float().mean())
             embedding = features.cpu().numpy().astype(np.float32, copy=False)
     info = {
         "method": method,
@@ -243,7 +249,8 @@ def scan_clustering(
         "self_label_epochs": int(self_label_epochs),
         "self_label_loss_history": self_label_history,
         "confidence_threshold": float(confidence_threshold),
-        "confident_fraction_after_self_label": confident_fraction,
+        "confident_fraction_before_self_label": confident_before,
+        "confident_fraction_after_self_label": confident_after,
         "n_clusters": int(n_clusters),
         "n_clusters_used": int(np.unique(labels).size),
         "n_neighbors": int(n_neighbors),
@@ -269,10 +276,10 @@ def scan_clustering(
 class _StegoHead(nn.Module):
     """STEGO's segmentation head on one feature vector: a linear map plus a residual MLP."""
 
-    def __init__(self, n_in: int, code_dim: int):
+    def __init__(self, n_in: int, hidden: int, code_dim: int):
         super().__init__()
         self.linear = nn.Linear(n_in, code_dim)
-        self.nonlinear = nn.Sequential(nn.Linear(n_in, n_in), nn.ReLU(), nn.Linear(n_in, code_dim))
+        self.nonlinear = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, code_dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x) + self.nonlinear(x)
@@ -287,6 +294,7 @@ def stego_clustering(
     seed: int = 0,
     epochs: int = 300,
     code_dim: int = 64,
+    hidden_dim: int | None = None,
     n_feature_neighbors: int = 7,
     n_spatial_neighbors: int = 6,
     self_shift: float = 0.18,
@@ -314,9 +322,11 @@ def stego_clustering(
     * random: the batch against random spots, with a larger shift so dissimilar pairs
       are pushed apart (``random_shift``, ``random_weight``).
 
-    Shifts and weights default to STEGO's COCO-Stuff configuration. With
-    ``batch_size >= n_spots`` (the default for a Visium slide) every step uses the whole
-    slide's dense n x n correlations.
+    The head is STEGO's: a linear map plus an MLP (hidden width ``hidden_dim``, default
+    the input width). Shifts and weights default to STEGO's COCO-Stuff configuration.
+    With ``batch_size >= n_spots`` (the default for a Visium slide) every step uses the
+    whole slide's dense n x n correlations, and the backbone's n x n correlation matrix is
+    computed once and sliced; with smaller batches each block is computed per step.
 
     Numerical stability (seed 002 went NaN at 3,639 x 3,639): the head reads the rows of
     the embedding scaled to unit L2 norm (only cosines enter STEGO's loss, so only the
@@ -334,7 +344,9 @@ def stego_clustering(
     _check_cluster_count(method, n, n_clusters)
     _check_neighbor_count(method, "n_feature_neighbors", n_feature_neighbors, n)
     _check_neighbor_count(method, "n_spatial_neighbors", n_spatial_neighbors, n)
-    check_hyperparameters(method, positive_ints={"epochs": epochs, "code_dim": code_dim, "batch_size": batch_size},
+    hidden = x_np.shape[1] if hidden_dim is None else hidden_dim
+    check_hyperparameters(method, positive_ints={"epochs": epochs, "code_dim": code_dim, "hidden_dim": hidden,
+                                                 "batch_size": batch_size},
                           positive_floats={"lr": lr},
                           non_negative_floats={"self_weight": self_weight, "neighbor_weight": neighbor_weight,
                                                "random_weight": random_weight})
@@ -344,11 +356,17 @@ def stego_clustering(
     start = time.perf_counter()
     partners_np = np.concatenate([nearest_neighbors(x_np, n_feature_neighbors),
                                   nearest_neighbors(coords_np, n_spatial_neighbors)], axis=1)
-    with seeded_torch(seed, dev) as generator:
+    with training_context(seed, dev) as generator:
         features = unit_rows(torch.tensor(x_np, device=dev))
         partners = torch.tensor(partners_np, device=dev)
-        head = _StegoHead(x_np.shape[1], code_dim).to(dev)
+        head = _StegoHead(x_np.shape[1], hidden, code_dim).to(dev)
         optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
+        whole_slide_correlation = cosine_correlation(features, features) if n <= batch_size else None
+
+        def feature_block(rows: Tensor, cols: Tensor) -> Tensor:
+            if whole_slide_correlation is not None:
+                return whole_slide_correlation.index_select(0, rows).index_select(1, cols)
+            return cosine_correlation(features[rows], features[cols])
 
         def batch_loss(index: Tensor) -> Tensor:
             b = index.shape[0]
@@ -357,13 +375,12 @@ def stego_clustering(
             random_spots = torch.randint(n, (b,), generator=generator).to(dev)
             codes = head(features[torch.cat([index, neighbour, random_spots])])
             anchor_codes, neighbour_codes, random_codes = codes[:b], codes[b:2 * b], codes[2 * b:]
-            anchor_features = features[index]
             return (
-                self_weight * stego_correspondence_loss(anchor_features, anchor_features, anchor_codes, anchor_codes,
+                self_weight * stego_correspondence_loss(feature_block(index, index), anchor_codes, anchor_codes,
                                                         self_shift)
-                + neighbor_weight * stego_correspondence_loss(anchor_features, features[neighbour], anchor_codes,
+                + neighbor_weight * stego_correspondence_loss(feature_block(index, neighbour), anchor_codes,
                                                               neighbour_codes, neighbor_shift)
-                + random_weight * stego_correspondence_loss(anchor_features, features[random_spots], anchor_codes,
+                + random_weight * stego_correspondence_loss(feature_block(index, random_spots), anchor_codes,
                                                             random_codes, random_shift)
             )
 
@@ -384,6 +401,7 @@ def stego_clustering(
         "loss_history": history,
         "n_clusters": int(n_clusters),
         "code_dim": int(code_dim),
+        "hidden_dim": int(hidden),
         "n_feature_neighbors": int(n_feature_neighbors),
         "n_spatial_neighbors": int(n_spatial_neighbors),
         "shifts": {"self": float(self_shift), "neighbor": float(neighbor_shift), "random": float(random_shift)},
@@ -609,7 +627,7 @@ def byol_gat_clustering(
     dev = torch.device(device)
     start = time.perf_counter()
     total_epochs = epochs + gat_epochs
-    with seeded_torch(seed, dev) as generator:
+    with training_context(seed, dev) as generator:
         encoder = _patch_encoder(tuple(encoder_widths)).to(dev)
         projector = _byol_mlp(encoder_widths[-1], projector_hidden, projection_dim).to(dev)
         predictor = _byol_mlp(projection_dim, projector_hidden, projection_dim).to(dev)

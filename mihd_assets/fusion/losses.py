@@ -97,30 +97,38 @@ def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: fl
         return consistency - entropy_weight * entropy, consistency, entropy
 
 
-def stego_correspondence_loss(features_a: Tensor, features_b: Tensor, codes_a: Tensor, codes_b: Tensor, shift: float) -> Tensor:
-    """STEGO's correspondence-distillation term between two sets of spots.
+def cosine_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Dense ``|a| x |b|`` cosine similarities of the rows, float32 and without autocast."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"cosine_correlation: expected (n, d) and (m, d) tensors, got {tuple(a.shape)} and {tuple(b.shape)}")
+    with _float32_no_autocast(a.device):
+        return unit_rows(a) @ unit_rows(b).T
 
-    F = cosine correlations of the frozen backbone features (|A| x |B|), centred per row
+
+def stego_correspondence_loss(feature_corr: Tensor, codes_a: Tensor, codes_b: Tensor, shift: float) -> Tensor:
+    """STEGO's correspondence-distillation term between two sets of spots A and B.
+
+    ``feature_corr`` = the frozen backbone features' cosine correlations (|A| x |B|, see
+    :func:`cosine_correlation`; no gradient flows into it). It is centred per row here
     (STEGO's ``pointwise`` option) so the shift acts relative to each spot's typical
-    similarity; S = cosine correlations of the head's codes. The loss
+    similarity. S = cosine correlations of the head's codes. The loss
     ``-mean((F - shift) * max(S, 0))`` raises S where the backbone says the pair is more
     alike than ``shift`` and lowers it (to 0) elsewhere. Only bounded cosines enter, no
     exponentials: finite for any finite input, at any size of the dense matrices.
     """
-    if features_a.ndim != 2 or features_b.ndim != 2 or codes_a.ndim != 2 or codes_b.ndim != 2:
+    if feature_corr.ndim != 2 or codes_a.ndim != 2 or codes_b.ndim != 2:
         raise ValueError(
-            "stego_correspondence_loss: expected 2-D tensors, got features "
-            f"{tuple(features_a.shape)}, {tuple(features_b.shape)} and codes {tuple(codes_a.shape)}, {tuple(codes_b.shape)}"
+            "stego_correspondence_loss: expected 2-D tensors, got feature correlations "
+            f"{tuple(feature_corr.shape)} and codes {tuple(codes_a.shape)}, {tuple(codes_b.shape)}"
         )
-    if features_a.shape[0] != codes_a.shape[0] or features_b.shape[0] != codes_b.shape[0]:
+    if feature_corr.shape != (codes_a.shape[0], codes_b.shape[0]):
         raise ValueError(
-            "stego_correspondence_loss: feature and code row counts differ: "
-            f"features {tuple(features_a.shape)} / codes {tuple(codes_a.shape)}, "
-            f"features {tuple(features_b.shape)} / codes {tuple(codes_b.shape)}"
+            f"stego_correspondence_loss: feature correlations of shape {tuple(feature_corr.shape)} do not match "
+            f"codes of shapes {tuple(codes_a.shape)} and {tuple(codes_b.shape)}"
         )
     with _float32_no_autocast(codes_a.device):
-        with torch.no_grad():
-            feature_corr = unit_rows(features_a) @ unit_rows(features_b).T
-            feature_corr = feature_corr - feature_corr.mean(dim=1, keepdim=True)
+        feature_corr = feature_corr.detach().float()
+        # (F - row mean) - shift, as one subtraction over the dense matrix.
+        shifted = feature_corr - (feature_corr.mean(dim=1, keepdim=True) + shift)
         code_corr = unit_rows(codes_a) @ unit_rows(codes_b).T
-        return -((feature_corr - shift) * code_corr.clamp(min=0)).mean()
+        return -(shifted * code_corr.clamp(min=0)).mean()

@@ -91,10 +91,16 @@ def check_hyperparameters(method: str, *, positive_ints: Mapping[str, int] | Non
 
 
 @contextlib.contextmanager
-def seeded_torch(seed: int, device: torch.device) -> Iterator[torch.Generator]:
-    """Seed torch inside a forked RNG state; yields a CPU generator for shuffling and sampling."""
+def training_context(seed: int, device: torch.device) -> Iterator[torch.Generator]:
+    """Seeded, float32 training: yields a CPU generator for shuffling and sampling.
+
+    torch is seeded inside a forked RNG state (the caller's stays untouched). Autocast is
+    switched off for the device: these small networks train in float32, and inside a
+    caller's autocast region autocast would reuse its cached low-precision copies of the
+    weights across steps, so the forward pass would never see the updates.
+    """
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), torch.autocast(device_type=device.type, enabled=False):
         torch.manual_seed(seed)
         yield torch.Generator().manual_seed(seed)
 
@@ -212,7 +218,7 @@ def llava_mlp_fusion(
                           positive_floats={"lr": lr}, non_negative_floats={"weight_decay": weight_decay})
     dev = torch.device(device)
     start = time.perf_counter()
-    with seeded_torch(seed, dev) as generator:
+    with training_context(seed, dev) as generator:
         projector = _mlp(vision_np.shape[1], hidden, gene_np.shape[1]).to(dev)
         gene_t = torch.tensor(gene_np, device=dev)
         vision_t = torch.tensor(vision_np, device=dev)
@@ -278,7 +284,7 @@ def basic_contrastive_fusion(
         raise FusionInputError(f"{method}: batch_size must be >= 2 (in-batch negatives), got {batch_size}")
     dev = torch.device(device)
     start = time.perf_counter()
-    with seeded_torch(seed, dev) as generator:
+    with training_context(seed, dev) as generator:
         gene_encoder = _mlp(gene_np.shape[1], hidden_dim, embed_dim, dropout).to(dev)
         vision_encoder = _mlp(vision_np.shape[1], hidden_dim, embed_dim, dropout).to(dev)
         gene_t = torch.tensor(gene_np, device=dev)
@@ -420,7 +426,7 @@ def qformer_fusion(
     dev = torch.device(device)
     n_tokens = tokens_per_modality
     start = time.perf_counter()
-    with seeded_torch(seed, dev) as generator:
+    with training_context(seed, dev) as generator:
         qformer = _QFormer(gene_np.shape[1], vision_np.shape[1], n_queries=n_queries, tokens_per_modality=n_tokens,
                            dim=model_dim, n_heads=n_heads, n_layers=n_layers, dropout=dropout).to(dev)
         gene_decoder = _mlp(model_dim, 2 * model_dim, gene_np.shape[1]).to(dev)

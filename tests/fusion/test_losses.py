@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from mihd_assets.fusion.losses import byol_regression_loss, info_nce, scan_loss, stego_correspondence_loss, unit_rows
+from mihd_assets.fusion.losses import (
+    byol_regression_loss,
+    cosine_correlation,
+    info_nce,
+    scan_loss,
+    stego_correspondence_loss,
+    unit_rows,
+)
 
 torch.set_num_threads(1)
 
@@ -134,7 +141,9 @@ def test_stego_loss_matches_hand_formula():
     feature_corr = cos(fa, fb)
     feature_corr -= feature_corr.mean(axis=1, keepdims=True)
     expected = -((feature_corr - 0.2) * np.maximum(cos(ca, cb), 0)).mean()
-    t = [torch.tensor(v, dtype=torch.float32) for v in (fa, fb, ca, cb)]
-    assert float(stego_correspondence_loss(*t, shift=0.2)) == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(ValueError, match="row counts differ"):
-        stego_correspondence_loss(t[0], t[1], t[3], t[3], 0.2)
+    fa_t, fb_t, ca_t, cb_t = (torch.tensor(v, dtype=torch.float32) for v in (fa, fb, ca, cb))
+    feature_corr_t = cosine_correlation(fa_t, fb_t)
+    np.testing.assert_allclose(feature_corr_t.numpy(), cos(fa, fb), atol=1e-6)
+    assert float(stego_correspondence_loss(feature_corr_t, ca_t, cb_t, shift=0.2)) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match=r"\(5, 4\) do not match codes of shapes \(4, 3\)"):
+        stego_correspondence_loss(feature_corr_t, cb_t, cb_t, 0.2)
