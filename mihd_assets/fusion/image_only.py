@@ -30,7 +30,6 @@ from .losses import byol_regression_loss, cosine_correlation, scan_loss, stego_c
 from .trained import (
     FusionInputError,
     ProgressCallback,
-    batches,
     check_embedding,
     check_hyperparameters,
     training_context,

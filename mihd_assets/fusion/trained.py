@@ -106,13 +106,14 @@ def training_context(seed: int, device: torch.device) -> Iterator[torch.Generato
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> tuple[Tensor, ...]:
-    """A shuffled split of ``range(n)`` into ceil(n / batch_size) batches of near-equal size.
+    """A shuffled split of ``range(n)`` into about n / batch_size batches of near-equal size.
 
-    Equal sizes instead of a short remainder: a last batch of one or two spots would give
-    contrastive and batch-norm layers a degenerate batch.
+    Equal sizes instead of a short remainder, and never a batch of one spot (for n >= 2):
+    a remainder of one or two spots would give contrastive and batch-norm layers a
+    degenerate batch.
     """
     order = torch.randperm(n, generator=generator).to(device)
-    return torch.tensor_split(order, max(1, math.ceil(n / batch_size)))
+    return torch.tensor_split(order, max(1, min(math.ceil(n / batch_size), n // 2)))
 
 
 def train_epochs(
@@ -358,14 +359,18 @@ class _QFormer(nn.Module):
         self.layers = nn.ModuleList(_QFormerLayer(dim, n_heads, dropout) for _ in range(n_layers))
         self.out_norm = nn.LayerNorm(dim)
 
-    def forward(self, gene: Tensor, vision: Tensor, ignored_tokens: Tensor) -> Tensor:
+    def tokenize(self, gene: Tensor, vision: Tensor) -> Tensor:
+        """The 2T context tokens of each spot: T from the gene embedding, then T from the vision one."""
         batch = gene.shape[0]
         tokens = torch.cat([
             self.gene_tokenizer(gene).view(batch, self.tokens_per_modality, self.dim),
             self.vision_tokenizer(vision).view(batch, self.tokens_per_modality, self.dim),
         ], dim=1)
-        tokens = self.token_norm(tokens + self.token_embedding)
-        queries = self.queries.expand(batch, -1, -1)
+        return self.token_norm(tokens + self.token_embedding)
+
+    def forward(self, tokens: Tensor, ignored_tokens: Tensor) -> Tensor:
+        """Mean query output per spot; ``ignored_tokens`` (True = hidden) masks tokens per spot."""
+        queries = self.queries.expand(tokens.shape[0], -1, -1)
         for layer in self.layers:
             queries = layer(queries, tokens, ignored_tokens)
         return self.out_norm(queries).mean(dim=1)
@@ -444,8 +449,10 @@ def qformer_fusion(
         def batch_loss(index: Tensor) -> Tensor:
             g, v = gene_t[index], vision_t[index]
             b = g.shape[0]
-            # One forward over the three views stacked along the batch.
-            pooled = qformer(g.repeat(3, 1), v.repeat(3, 1), view_masks.repeat_interleave(b, dim=0))
+            # Tokenize once (the vision tokenizer is the widest layer), then one pass over
+            # the three views stacked along the batch.
+            tokens = qformer.tokenize(g, v).repeat(3, 1, 1)
+            pooled = qformer(tokens, view_masks.repeat_interleave(b, dim=0))
             reconstruction = (F.mse_loss(gene_decoder(pooled), g.repeat(3, 1))
                               + F.mse_loss(vision_decoder(pooled), v.repeat(3, 1)))
             gene_only, vision_only = pooled[b:2 * b], pooled[2 * b:]
@@ -460,7 +467,7 @@ def qformer_fusion(
             m.eval()
         with torch.no_grad():
             joint = hide_none.expand(gene_np.shape[0], -1)
-            fused = qformer(gene_t, vision_t, joint).cpu().numpy().astype(np.float32, copy=False)
+            fused = qformer(qformer.tokenize(gene_t, vision_t), joint).cpu().numpy().astype(np.float32, copy=False)
     info = _common_info(method, gene_np, vision_np, fused, history, time.perf_counter() - start, dev, seed, epochs)
     info.update({
         "fused_as": "mean of the query outputs, both modalities visible",

@@ -171,3 +171,22 @@ def test_invalid_inputs_are_rejected_naming_shapes(planted, name):
         fn(gene, bad)
     with pytest.raises(FusionInputError, match="epochs=0"):
         fn(gene, vision, epochs=0)
+
+
+def test_batches_cover_every_spot_once_and_are_never_single_spots():
+    from mihd_assets.fusion.trained import batches
+
+    generator = torch.Generator().manual_seed(0)
+    for n, batch_size in [(3, 2), (5, 2), (601, 256), (3600, 256)]:
+        split = batches(n, batch_size, generator, torch.device("cpu"))
+        assert sorted(torch.cat(split).tolist()) == list(range(n))
+        assert min(len(b) for b in split) >= 2
+        assert max(len(b) for b in split) - min(len(b) for b in split) <= 1
+
+
+def test_fusions_run_on_the_smallest_valid_input():
+    rng = np.random.default_rng(0)
+    gene, vision = rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
+    for name, (fn, kwargs) in METHODS.items():
+        fused, info = fn(gene, vision, **{**kwargs, "epochs": 2, "batch_size": 2})
+        assert fused.shape[0] == 3 and np.isfinite(fused).all(), name
