@@ -4,6 +4,7 @@
     mihd demo-data            only write the demo data (idempotent)
     mihd materialize          register new slides, materialize missing or stale assets
     mihd sql "SELECT ..."     run read-only SQL against the metrics database
+    mihd import-embeddings D  record an old embeddings_cache/ folder as embedding materializations
 """
 
 from __future__ import annotations
@@ -32,15 +33,22 @@ def _instance():
     return DagsterInstance.get()
 
 
+def user_error(err):
+    """The platform's own error under Dagster's wrappers ("Error occurred while executing op").
+
+    Stops at the first non-Dagster exception: that message names the slide and the file;
+    the library error it was raised from (kept as its cause) usually names neither.
+    """
+    while err is not None and err.cause is not None and (err.cls_name or "").startswith("Dagster"):
+        err = err.cause
+    return err
+
+
 def _step_errors(result) -> list[str]:
     errors = []
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
-            err = event.event_specific_data.error
-            # Dagster wraps user errors ("Error occurred while executing op ..."); the root
-            # cause is the message that names the file and the problem.
-            while err is not None and err.cause is not None:
-                err = err.cause
+            err = user_error(event.event_specific_data.error)
             errors.append(f"{event.step_key}: {err.message.strip() if err else 'failed'}")
     return errors
 
@@ -138,6 +146,78 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_import_embeddings(args) -> int:
+    """Store each cached array as its embedding asset's partition and report the materialization.
+
+    The event carries the asset's current code version, so downstream assets use the
+    imported values instead of recomputing them; its metadata says where they came from.
+    """
+    import anndata as ad
+    from dagster import AssetMaterialization, MetadataValue
+
+    from dagster_project.definitions import defs
+    from dagster_project.freshness import CODE_VERSION_TAG, latest_materialization
+    from dagster_project.partitions import slides_partitions
+    from mihd_assets.embeddings.assets import ALL_EMBEDDING_KEYS
+    from mihd_assets.embeddings.import_cache import load_entry, scan_cache
+    from mihd_assets.matrix import MATRIX
+    from mihd_assets.slides.assets import RAW_SLIDE
+
+    instance = _instance()
+    graph = defs.resolve_asset_graph()
+    known = {k.path[-1]: k for k in ALL_EMBEDDING_KEYS}
+    scan = scan_cache(Path(args.cache), tuple(MATRIX.vision_variants))
+    for path, why in scan.unrecognised:
+        print(f"skipped {path}: {why}")
+    registered = set(instance.get_dynamic_partitions(slides_partitions.name))
+    failures = imported = 0
+    obs_cache: dict[str, list[str]] = {}
+    for entry in scan.entries:
+        if args.slide and entry.slide_id not in args.slide:
+            continue
+        key = known.get(entry.asset_name)
+        if key is None:
+            print(f"skipped {entry.path}: no asset {entry.asset_name} in the benchmark matrix "
+                  f"(known: {', '.join(sorted(known))})")
+            continue
+        if entry.slide_id not in registered or latest_materialization(instance, RAW_SLIDE, entry.slide_id) is None:
+            print(f"FAILED {entry.path}: slide {entry.slide_id!r} has no raw_slide materialization to align the "
+                  "spots with; run `mihd materialize --partition <slide>` first", file=sys.stderr)
+            failures += 1
+            continue
+        if entry.slide_id not in obs_cache:
+            raw_path = settings.storage_root().joinpath(*RAW_SLIDE.path, f"{entry.slide_id}.h5ad")
+            obs_cache[entry.slide_id] = list(ad.read_h5ad(raw_path, backed="r").obs_names)
+        try:
+            embedding, info = load_entry(entry, obs_cache[entry.slide_id])
+        except ValueError as err:
+            print(f"FAILED {err}", file=sys.stderr)
+            failures += 1
+            continue
+        target = settings.storage_root().joinpath(*key.path, f"{entry.slide_id}.npz")
+        if args.dry_run:
+            print(f"would import {entry.path} -> {key.to_user_string()} [{entry.slide_id}] {embedding.values.shape}")
+            continue
+        embedding.save(target)
+        instance.report_runless_asset_event(AssetMaterialization(
+            asset_key=key,
+            partition=entry.slide_id,
+            description=f"imported from the old embedding cache ({entry.path})",
+            metadata={
+                **{k: v for k, v in info.items() if v is not None},
+                "path": MetadataValue.path(str(target)),
+                "dims": int(embedding.values.shape[1]),
+                "n_spots": int(embedding.values.shape[0]),
+            },
+            tags={CODE_VERSION_TAG: graph.get(key).code_version, "mihd/imported": "true"},
+        ))
+        imported += 1
+        print(f"imported {entry.path} -> {key.to_user_string()} [{entry.slide_id}] {embedding.values.shape} "
+              f"({info['alignment']})")
+    print(f"{imported} embedding(s) imported, {failures} failed")
+    return 1 if failures else 0
+
+
 def cmd_demo(args) -> int:
     os.environ.setdefault("MIHD_PROFILE", "demo")
     # Offline demo: encoders without local weights run randomly initialised, and every
@@ -190,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", help="DuckDB file (default: $MIHD_DUCKDB or $MIHD_HOME/mihd.duckdb)")
     p.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     p.set_defaults(fn=cmd_sql)
+    p = sub.add_parser("import-embeddings", help="record an old .npz/.npy embedding cache as materializations")
+    p.add_argument("cache", help="the old embeddings_cache/ folder (<slide_id>/gene_<enc>.npz, vision_<enc>_<variant>.npz)")
+    p.add_argument("--slide", action="append", help="only this slide (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="check and print, store nothing")
+    p.set_defaults(fn=cmd_import_embeddings)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -285,6 +285,8 @@ def read_visium_slide(root: str | Path, slide_id: str | None = None) -> ad.AnnDa
     positions = read_positions(layout)
     factors = read_scalefactors(layout)
 
+    if adata.n_obs == 0:
+        raise _err(sid, layout.counts, "the counts matrix has zero barcodes (an empty slide)")
     missing = adata.obs_names.difference(positions.index)
     if len(missing):
         raise _err(
@@ -297,6 +299,12 @@ def read_visium_slide(root: str | Path, slide_id: str | None = None) -> ad.AnnDa
     adata.obs["in_tissue"] = pos["in_tissue"].to_numpy(dtype=np.int8)
     adata.obs["array_row"] = pos["array_row"].to_numpy(dtype=np.int32)
     adata.obs["array_col"] = pos["array_col"].to_numpy(dtype=np.int32)
+    if not (adata.obs["in_tissue"] == 1).any():
+        raise _err(
+            sid,
+            layout.positions,
+            f"zero spots on tissue: all {adata.n_obs} barcodes of the counts matrix have in_tissue = 0",
+        )
     # x = image column, y = image row, both in full-resolution pixels (scanpy convention).
     adata.obsm["spatial"] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
 

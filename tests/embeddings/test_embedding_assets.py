@@ -8,6 +8,7 @@ import torch
 from dagster import DagsterInstance, materialize
 from dagster_duckdb import DuckDBResource
 
+from dagster_project.cli import user_error
 from mihd_assets.embeddings import assets as emb
 from mihd_assets.embeddings.store import SpotEmbedding
 from mihd_assets.embeddings.vision import create_encoder_model
@@ -47,10 +48,7 @@ def _run(instance, resources, weights, partition, assets, selection=None):
 def _error(result) -> str:
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failures, "expected a step failure"
-    err = failures[0].event_specific_data.error
-    while err.cause is not None:
-        err = err.cause
-    return err.message
+    return user_error(failures[0].event_specific_data.error).message
 
 
 def test_random_weights_run_is_recorded(env):
@@ -89,4 +87,34 @@ def test_missing_image_fails_that_slide_only(env):
     result = _run(instance, resources, weights, "demo_02", [slides.raw_slide, VISION_UNI], selection=[VISION_UNI.key])
     assert not result.success
     assert "demo_02_full_image.tif" in _error(result)
+    assert _run(instance, resources, weights, "demo_01", [slides.raw_slide, VISION_UNI]).success
+
+
+def test_unreadable_tiff_fails_that_slide_only(env):
+    root, instance, resources, _ = env
+    weights = ModelWeightsResource(allow_random=True)
+    assert _run(instance, resources, weights, "demo_02", [slides.raw_slide]).success
+    tif = next((root / "demo_02").glob("*.tif"))
+    tif.write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header with no readable image behind it
+    result = _run(instance, resources, weights, "demo_02", [slides.raw_slide, VISION_UNI], selection=[VISION_UNI.key])
+    assert not result.success
+    message = _error(result)
+    assert "demo_02_full_image.tif" in message and "unreadable image" in message
+    assert _run(instance, resources, weights, "demo_01", [slides.raw_slide, VISION_UNI]).success
+
+
+def test_slide_without_spots_fails_naming_slide_and_file(env):
+    root, instance, resources, _ = env
+    weights = ModelWeightsResource(allow_random=True)
+    positions = next((root / "demo_02").rglob("tissue_positions*"))
+    lines = positions.read_text().splitlines()
+    header = [lines[0]] if lines[0].startswith("barcode") else []
+    body = lines[len(header):]
+    # Every spot marked off-tissue: a slide with zero spots to embed.
+    rows = [",".join([f[0], "0", *f[2:]]) for f in (line.split(",") for line in body)]
+    positions.write_text("\n".join(header + rows) + "\n")
+    result = _run(instance, resources, weights, "demo_02", [slides.raw_slide, VISION_UNI])
+    assert not result.success
+    message = _error(result)
+    assert "demo_02" in message and positions.name in message
     assert _run(instance, resources, weights, "demo_01", [slides.raw_slide, VISION_UNI]).success
