@@ -9,6 +9,8 @@ from __future__ import annotations
 from dagster import Definitions, load_assets_from_modules
 
 from mihd_assets.embeddings import assets as embedding_assets
+from mihd_assets.fusion import assets as fusion_assets
+from mihd_assets.reports import assets as report_assets
 from mihd_assets.slides import assets as slide_assets
 
 from .families import family_definitions
@@ -17,7 +19,7 @@ from .resources import build_resources
 from .schedules import slide_backfill_schedule
 from .sensors import slide_discovery_sensor
 
-all_assets = load_assets_from_modules([slide_assets, embedding_assets])
+all_assets = load_assets_from_modules([slide_assets, embedding_assets, fusion_assets, report_assets])
 
 slide_defs = Definitions(
     assets=all_assets,

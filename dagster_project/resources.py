@@ -6,7 +6,9 @@ from dagster_duckdb import DuckDBResource
 
 from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
 from mihd_resources import settings
+from mihd_resources.clustering import ClusteringResource
 from mihd_resources.embedding_io_manager import EmbeddingIOManager
+from mihd_resources.labels_io_manager import LabelsIOManager
 from mihd_resources.weights import ModelWeightsResource
 
 
@@ -19,4 +21,6 @@ def build_resources() -> dict:
         "embedding_io_manager": EmbeddingIOManager(base_dir=str(settings.storage_root())),
         "compute": ComputeResource(),
         "weights": ModelWeightsResource(),
+        "labels_io_manager": LabelsIOManager(base_dir=str(settings.storage_root())),
+        "clustering": ClusteringResource(),
     }

@@ -162,7 +162,8 @@ def _gene_factory(encoder: str):
         io_manager_key="embedding_io_manager",
         pool=GPU_POOL if encoder != "pca" else None,
         op_tags=gpu_op_tags() if encoder != "pca" else None,
-        code_version="1",
+        # PCA's output width is part of its code version (30 PCs since the fusion matrix).
+        code_version=f"2-{MATRIX.pca_components}pc" if encoder == "pca" else "1",
         kinds={"pytorch"} if encoder != "pca" else {"scikitlearn"},
         check_specs=[_weights_spec(key)],
         description=(

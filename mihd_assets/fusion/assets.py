@@ -1,0 +1,456 @@
+"""Fusion, clustering and evaluation assets, generated from the benchmark matrix.
+
+Lineage: ``embeddings/*`` -> ``fusion/<method>__<gene>__<vision>`` (fused embeddings) ->
+``clustering/<representation>__<method>`` (raw + refined labels) ->
+``evaluation/clustering_metrics`` (DuckDB) -> ``reports/*``. Image-only methods go from a
+vision embedding straight to ``clustering/image_only__<method>__<vision>``.
+"""
+
+
+import time
+
+import numpy as np
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetIn,
+    AssetKey,
+    MaterializeResult,
+    MetadataValue,
+    Output,
+    asset,
+)
+
+from dagster_project.k8s import GPU_POOL, gpu_op_tags
+from dagster_project.partitions import slides_partitions
+from mihd_assets.embeddings.assets import gene_key, vision_key
+from mihd_assets.embeddings.store import SpotEmbedding
+from mihd_assets.matrix import MATRIX, cluster_count
+from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key
+from mihd_resources import ComputeResource, MetricsStore, settings
+from mihd_resources.clustering import ClusteringResource
+from mihd_resources.metrics_store import DUCKDB_WRITER_POOL
+
+from . import normalize
+from .store import SpotLabels
+
+METHOD_CHECK = "clustering_method_as_requested"
+TRAINED_FUSIONS = ("llava_mlp", "basic_contrastive", "qformer")
+
+# Demo profile: same code, fewer epochs and narrower networks (recorded as profile=demo).
+DEMO_FUSION_KW = {
+    "llava_mlp": {"epochs": 60},
+    "basic_contrastive": {"epochs": 60, "embed_dim": 32, "hidden_dim": 128},
+    "qformer": {"epochs": 25, "model_dim": 32, "n_layers": 1},
+}
+DEMO_IMAGE_ONLY_KW = {
+    "scan": {"epochs": 40, "hidden_dim": 128},
+    "stego": {"epochs": 80, "hidden_dim": 64, "code_dim": 32},
+    "byol_gat": {"epochs": 4, "gat_epochs": 60, "image_size": 32, "encoder_widths": (8, 16, 32)},
+}
+DEMO_STAIG_EPOCHS = 300  # the real STAIG schedule is cheap on a demo-sized slide
+
+
+def split_vision(name: str) -> tuple[str, str]:
+    """``"uni2_staig_strict"`` -> ``("uni2", "staig_strict")``."""
+    for variant in sorted(MATRIX.vision_variants, key=len, reverse=True):
+        if name.endswith(f"_{variant}"):
+            return name[: -len(variant) - 1], variant
+    raise ValueError(f"vision embedding name {name!r} does not end with a variant of {MATRIX.vision_variants}")
+
+
+def vision_input_key(name: str) -> AssetKey:
+    return vision_key(*split_vision(name))
+
+
+def fusion_name(method: str, gene: str, vision: str) -> str:
+    return f"{method}__{gene}__{vision}"
+
+
+STAIG_NAME = fusion_name("staig_fusion", "hvg", MATRIX.staig_vision)
+
+
+def fusion_key(name: str) -> AssetKey:
+    return AssetKey(["fusion", name])
+
+
+def clustering_key(representation: str, method: str) -> AssetKey:
+    return AssetKey(["clustering", f"{representation}__{method}"])
+
+
+def _as_metadata(record: dict) -> dict:
+    return {k: (MetadataValue.json(v) if isinstance(v, (dict, list, tuple)) else v) for k, v in record.items()
+            if v is not None and k != "loss_history"}
+
+
+def _progress(context, label: str):
+    last = [0.0]
+
+    def report(epoch: int, epochs: int, loss: float) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 10 or epoch == epochs:
+            last[0] = now
+            context.log.info(f"{label}: epoch {epoch}/{epochs} loss {loss:.4f}")
+
+    return report
+
+
+def _aligned(reference: SpotEmbedding, other: SpotEmbedding, where: str) -> np.ndarray:
+    """``other``'s rows in ``reference``'s spot order."""
+    if other.obs_names == reference.obs_names:
+        return other.values
+    index = {b: i for i, b in enumerate(other.obs_names)}
+    missing = [b for b in reference.obs_names if b not in index]
+    if missing:
+        raise ValueError(f"{where}: {len(missing)} spots of the gene embedding have no vision embedding (first: {missing[:3]})")
+    return other.values[[index[b] for b in reference.obs_names]]
+
+
+def _upstream_weights(*embeddings: SpotEmbedding) -> str:
+    sources = sorted({str(e.info.get("weights", "unknown")) for e in embeddings})
+    return "random" if any(s.startswith("random") for s in sources) else "; ".join(sources)
+
+
+# ---------------------------------------------------------------- fusion embeddings
+
+def _fusion_factory(method: str, gene: str, vision: str):
+    name = fusion_name(method, gene, vision)
+    trained = method in TRAINED_FUSIONS
+
+    @asset(
+        key=fusion_key(name),
+        ins={"gene": AssetIn(key=gene_key(gene)), "vision": AssetIn(key=vision_input_key(vision))},
+        group_name="fusion",
+        partitions_def=slides_partitions,
+        io_manager_key="embedding_io_manager",
+        pool=GPU_POOL if trained else None,
+        op_tags=gpu_op_tags() if trained else None,
+        code_version="1",
+        kinds={"pytorch"} if trained else {"numpy"},
+        description=(
+            f"`{method}` fusion of the `{gene}` gene embedding and the `{vision}` vision embedding; both "
+            "are standardized per modality once, here, before fusing."
+        ),
+    )
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, gene, vision):
+        from . import simple, trained as trained_methods
+
+        slide_id = context.partition_key
+        where = f"slide '{slide_id}' {name}"
+        g = normalize.standardize(gene.values)
+        v = normalize.standardize(_aligned(gene, vision, where))
+        demo = settings.profile() == "demo"
+        if method == "concat":
+            fused, info = simple.concat_fusion(g, v)
+        elif method == "mean":
+            fused, info = simple.mean_fusion(g, v)
+        else:
+            fn = getattr(trained_methods, f"{method}_fusion")
+            kwargs = DEMO_FUSION_KW[method] if demo else {}
+            fused, info = fn(g, v, device=str(compute.torch_device()), progress=_progress(context, where), **kwargs)
+        record = {**info, "method": method, "gene_encoder": gene, "vision": vision,
+                  "weights": _upstream_weights(gene, vision), "profile": settings.profile(),
+                  "normalization": "standardize(gene), standardize(vision) once before fusion"}
+        yield Output(SpotEmbedding(fused, list(gene.obs_names), record),
+                     metadata={**_as_metadata(record), "dims": int(fused.shape[1])})
+
+    return _asset
+
+
+@asset(
+    key=fusion_key(STAIG_NAME),
+    ins={"pre": AssetIn(key=preprocessed_key("staig")), "vision": AssetIn(key=vision_input_key(MATRIX.staig_vision))},
+    group_name="fusion",
+    partitions_def=slides_partitions,
+    io_manager_key="embedding_io_manager",
+    pool=GPU_POOL,
+    op_tags=gpu_op_tags(),
+    code_version="1",
+    kinds={"pytorch"},
+)
+def staig_fusion_embedding(context: AssetExecutionContext, compute: ComputeResource, pre, vision):
+    """STAIG-equivalent fusion (SPEC 4.2): the 3,000-HVG matrix of the `staig` preset on a
+    k=5 spatial graph, image-distance-driven edge dropping, pseudo-label-debiased
+    contrastive loss (k=80, tau=35), 300 epochs; the image embedding is standardized once."""
+    from .staig import StaigConfig, staig_fusion
+
+    slide_id = context.partition_key
+    where = f"slide '{slide_id}' {STAIG_NAME}"
+    hvg = pre.X.toarray() if hasattr(pre.X, "toarray") else np.asarray(pre.X)
+    spots = SpotEmbedding(np.zeros((pre.n_obs, 1)), list(pre.obs_names))
+    image_raw = _aligned(spots, vision, where)
+    config = StaigConfig(epochs=DEMO_STAIG_EPOCHS) if settings.profile() == "demo" else StaigConfig()
+    out, info = staig_fusion(hvg, np.asarray(pre.obsm["spatial"]), image_raw, config,
+                             device=str(compute.torch_device()), progress=_progress(context, where))
+    record = {**info, "gene_encoder": "hvg", "vision": MATRIX.staig_vision, "weights": _upstream_weights(vision),
+              "profile": settings.profile()}
+    yield Output(SpotEmbedding(out, list(pre.obs_names), record), metadata={**_as_metadata(record)})
+
+
+# ---------------------------------------------------------------- representations
+
+def representations() -> dict[str, tuple[AssetKey, str]]:
+    """Every embedding that gets clustered: name -> (asset key, kind)."""
+    reps: dict[str, tuple[AssetKey, str]] = {}
+    for gene in MATRIX.gene_only:
+        reps[f"gene_{gene}"] = (gene_key(gene), "gene")
+    for vision in MATRIX.vision_only:
+        reps[f"vision_{vision}"] = (vision_input_key(vision), "vision")
+    for method in MATRIX.fusion_methods:
+        for gene, vision in MATRIX.fusion_inputs:
+            name = fusion_name(method, gene, vision)
+            reps[name] = (fusion_key(name), "fusion")
+    reps[STAIG_NAME] = (fusion_key(STAIG_NAME), "fusion")
+    return reps
+
+
+def clustering_input(values: np.ndarray, kind: str, seed: int = 0) -> tuple[np.ndarray, str]:
+    """What the clustering method sees, and how it was derived (recorded).
+
+    Gene embeddings are used as stored (the textbook PCA -> mclust path), vision embeddings
+    are standardized (their one normalization), fusion outputs are used as produced; then
+    anything wider than ``max_cluster_dims`` is reduced to ``cluster_pcs`` PCs."""
+    from sklearn.decomposition import PCA
+
+    steps = []
+    x = np.asarray(values, dtype=np.float32)
+    if kind == "vision":
+        x = normalize.standardize(x)
+        steps.append("standardize")
+    if x.shape[1] > MATRIX.max_cluster_dims:
+        n_pcs = min(MATRIX.cluster_pcs, x.shape[0] - 1)
+        x = PCA(n_components=n_pcs, random_state=seed).fit_transform(x).astype(np.float32)
+        steps.append(f"pca{n_pcs} of {values.shape[1]} dims")
+    return x, " -> ".join(steps) or f"as stored ({x.shape[1]} dims)"
+
+
+def run_clustering(method: str, x: np.ndarray, n_clusters: int, resource: ClusteringResource, where: str,
+                   log) -> tuple[np.ndarray, str, dict]:
+    """Labels, the method actually used, and extra facts. A missing mclust fails unless the
+    resource explicitly allows the fallback, which is then logged at WARNING."""
+    from .clustering import MclustUnavailable, kmeans_labels, leiden_labels, mclust_labels, validate_for_clustering
+
+    validate_for_clustering(x, n_clusters, where)
+    if method == "mclust":
+        try:
+            return mclust_labels(x, n_clusters, resource.mclust_model, resource.seed, where), "mclust", {
+                "mclust_model": resource.mclust_model, "seed": resource.seed}
+        except MclustUnavailable as err:
+            if not resource.allow_mclust_fallback:
+                raise
+            log.warning(f"{where}: mclust unavailable ({err}); FALLING BACK to {resource.fallback_method} "
+                        "because ClusteringResource.allow_mclust_fallback is set")
+            return kmeans_labels(x, n_clusters, resource.seed, where), resource.fallback_method, {
+                "fallback_reason": str(err)}
+    if method == "kmeans":
+        return kmeans_labels(x, n_clusters, resource.seed, where), "kmeans", {"seed": resource.seed}
+    if method == "leiden":
+        labels, extra = leiden_labels(x, n_clusters, resource.seed, where=where)
+        return labels, "leiden", extra
+    raise ValueError(f"{where}: unknown clustering method {method!r}; expected one of {MATRIX.clustering_methods}")
+
+
+def _method_check(key: AssetKey) -> AssetCheckSpec:
+    return AssetCheckSpec(METHOD_CHECK, asset=key,
+                          description="Fails (WARN) when a configured fallback replaced the requested clustering method.")
+
+
+def _method_result(key: AssetKey, requested: str, used: str) -> AssetCheckResult:
+    return AssetCheckResult(
+        check_name=METHOD_CHECK, asset_key=key, passed=requested == used, severity=AssetCheckSeverity.WARN,
+        description=None if requested == used else f"requested {requested}, ran {used} (fallback)",
+        metadata={"requested": requested, "used": used},
+    )
+
+
+def _coords_for(raw, obs_names: list[str]) -> np.ndarray:
+    index = {b: i for i, b in enumerate(raw.obs_names)}
+    return np.asarray(raw.obsm["spatial"], dtype=np.float64)[[index[b] for b in obs_names]]
+
+
+def _clustering_factory(representation: str, upstream: AssetKey, kind: str, method: str):
+    key = clustering_key(representation, method)
+
+    @asset(
+        key=key,
+        ins={"embedding": AssetIn(key=upstream), "raw": AssetIn(key=RAW_SLIDE)},
+        group_name="clustering",
+        partitions_def=slides_partitions,
+        io_manager_key="labels_io_manager",
+        code_version="1",
+        kinds={"r", "python"} if method == "mclust" else {"python"},
+        check_specs=[_method_check(key)],
+        description=(
+            f"`{method}` clusters of `{representation}` (cluster count per slide from the matrix), raw and "
+            f"after a {MATRIX.refine_k}-neighbour spatial majority vote."
+        ),
+    )
+    def _asset(context: AssetExecutionContext, clustering: ClusteringResource, embedding, raw):
+        from .clustering import refine_labels
+
+        slide_id = context.partition_key
+        where = f"slide '{slide_id}' {key.path[-1]}"
+        started = time.perf_counter()
+        n_clusters, source = cluster_count(slide_id, raw.obs["truth"] if "truth" in raw.obs else None)
+        x, prepared = clustering_input(embedding.values, kind)
+        labels, used, extra = run_clustering(method, x, n_clusters, clustering, where, context.log)
+        refined = refine_labels(labels, _coords_for(raw, embedding.obs_names), clustering.refine_k)
+        record = {
+            "representation": representation, "kind": kind, "clustering_method": method,
+            "clustering_method_used": used, "n_clusters": n_clusters, "n_clusters_source": source,
+            "cluster_input": prepared, "refine_k": clustering.refine_k, "seconds": time.perf_counter() - started,
+            "weights": str(embedding.info.get("weights", "unknown")), "profile": settings.profile(), **extra,
+        }
+        yield Output(SpotLabels(list(embedding.obs_names), labels, refined, record), metadata=_as_metadata(record))
+        yield _method_result(key, method, used)
+
+    return _asset
+
+
+def _image_only_factory(method: str, vision: str):
+    representation = f"image_only__{method}__{vision}"
+    key = AssetKey(["clustering", representation])
+
+    @asset(
+        key=key,
+        ins={"embedding": AssetIn(key=vision_input_key(vision)), "raw": AssetIn(key=RAW_SLIDE)},
+        group_name="clustering",
+        partitions_def=slides_partitions,
+        io_manager_key="labels_io_manager",
+        pool=GPU_POOL,
+        op_tags=gpu_op_tags(),
+        code_version="1",
+        kinds={"pytorch"},
+        description=(
+            f"Image-only `{method}` clustering of the `{vision}` embedding"
+            + (" and the H&E patches around each spot" if method == "byol_gat" else "")
+            + f"; raw labels and a {MATRIX.refine_k}-neighbour spatial majority vote."
+        ),
+    )
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, clustering: ClusteringResource,
+               embedding, raw):
+        from . import image_only
+        from .clustering import refine_labels, validate_for_clustering
+
+        slide_id = context.partition_key
+        where = f"slide '{slide_id}' {representation}"
+        n_clusters, source = cluster_count(slide_id, raw.obs["truth"] if "truth" in raw.obs else None)
+        coords = _coords_for(raw, embedding.obs_names)
+        x = normalize.standardize(validate_for_clustering(embedding.values, n_clusters, where))
+        kwargs = DEMO_IMAGE_ONLY_KW[method] if settings.profile() == "demo" else {}
+        device = str(compute.torch_device())
+        progress = _progress(context, where)
+        if method == "scan":
+            labels, _, info = image_only.scan_clustering(x, n_clusters, device=device, progress=progress, **kwargs)
+        elif method == "stego":
+            labels, _, info = image_only.stego_clustering(x, coords, n_clusters, device=device, progress=progress, **kwargs)
+        elif method == "byol_gat":
+            patches = spot_patches(raw, slide_id, embedding.obs_names, kwargs.get("image_size", 96))
+            labels, _, info = image_only.byol_gat_clustering(patches, coords, n_clusters, device=device,
+                                                             progress=progress, **kwargs)
+        else:
+            raise ValueError(f"{where}: unknown image-only method {method!r}")
+        refined = refine_labels(labels, coords, clustering.refine_k)
+        record = {
+            **{k: v for k, v in info.items() if k != "gat_loss_history"},
+            "representation": representation, "kind": "image_only", "clustering_method": method,
+            "clustering_method_used": method, "n_clusters": n_clusters, "n_clusters_source": source,
+            "refine_k": clustering.refine_k, "weights": str(embedding.info.get("weights", "unknown")),
+            "profile": settings.profile(),
+        }
+        yield Output(SpotLabels(list(embedding.obs_names), labels, refined, record), metadata=_as_metadata(record))
+
+    return _asset
+
+
+def spot_patches(raw, slide_id: str, obs_names: list[str], size: int) -> np.ndarray:
+    """(n, 3, size, size) RGB patches in [0, 1] around each spot, from the slide's
+    highest-resolution image (same lazy reader and coordinate scaling as the encoders)."""
+    import torch
+
+    from mihd_assets.embeddings.patches import SpotPatchDataset, highest_resolution_image, make_loader
+
+    info = raw.uns["spatial"][slide_id]
+    _, path, scale = highest_resolution_image(dict(info["metadata"]["image_paths"]), dict(info["scalefactors"]))
+    dataset = SpotPatchDataset(path, _coords_for(raw, obs_names), scale, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    batches = [b for b in make_loader(dataset, batch_size=256, num_workers=0, pin_memory=False)]
+    return torch.cat(batches).numpy().astype(np.float32)
+
+
+fusion_embeddings = [_fusion_factory(m, g, v) for m in MATRIX.fusion_methods for g, v in MATRIX.fusion_inputs]
+clusterings = [
+    _clustering_factory(name, upstream, kind, method)
+    for name, (upstream, kind) in representations().items()
+    for method in MATRIX.clustering_methods
+]
+image_only_clusterings = [_image_only_factory(m, MATRIX.image_only_vision) for m in MATRIX.image_only_methods]
+ALL_CLUSTERING_KEYS = [a.key for a in clusterings + image_only_clusterings]
+
+
+def _dimensions(info: dict) -> dict:
+    """The matrix coordinates of one clustering, for its DuckDB rows."""
+    rep, kind = info["representation"], info["kind"]
+    gene = vision = fusion = ""
+    if kind == "gene":
+        gene = rep.removeprefix("gene_")
+    elif kind == "vision":
+        vision = rep.removeprefix("vision_")
+    elif kind == "fusion":
+        fusion, gene, vision = rep.split("__")
+    else:  # image_only__<method>__<vision>
+        _, fusion, vision = rep.split("__")
+    return {"representation": rep, "kind": kind, "fusion_method": fusion, "gene_encoder": gene, "vision": vision}
+
+
+@asset(
+    key=AssetKey(["evaluation", "clustering_metrics"]),
+    ins={"__".join(k.path[1:]): AssetIn(key=k) for k in ALL_CLUSTERING_KEYS} | {"raw": AssetIn(key=RAW_SLIDE)},
+    group_name="evaluation",
+    partitions_def=slides_partitions,
+    pool=DUCKDB_WRITER_POOL,
+    code_version="1",
+    kinds={"python", "duckdb"},
+)
+def clustering_metrics(context: AssetExecutionContext, metrics: MetricsStore, raw, **labels) -> MaterializeResult:
+    """DuckDB `clustering_metrics`: ARI, NMI, homogeneity, completeness against the slide's
+    truth labels, and spatial continuity (CHAOS, PAS), for every clustering of this slide,
+    raw and refined, keyed by every matrix dimension. Slides without truth labels keep
+    their clusterings and get CHAOS/PAS with the skipped reason recorded."""
+    from .metrics import agreement, chaos, pas
+
+    slide_id = context.partition_key
+    has_truth = "truth" in raw.obs and raw.obs["truth"].notna().any()
+    truth_by_spot = raw.obs["truth"] if has_truth else None
+    if not has_truth:
+        context.log.warning(f"slide {slide_id}: no truth labels; ARI/NMI skipped, CHAOS/PAS still computed")
+    rows = []
+    for stored in labels.values():
+        info = stored.info
+        coords = _coords_for(raw, stored.obs_names)
+        for refinement, values in (("none", stored.labels), (f"majority_k{info['refine_k']}", stored.refined)):
+            row = {
+                "slide_id": slide_id, **_dimensions(info),
+                "clustering_method": info["clustering_method"],
+                "clustering_method_used": info["clustering_method_used"],
+                "refinement": refinement, "n_clusters": info["n_clusters"],
+                "n_clusters_source": info["n_clusters_source"], "n_spots": len(stored.obs_names),
+                "chaos": chaos(values, coords), "pas": pas(values, coords),
+                "weights": info.get("weights"), "profile": info.get("profile"),
+            }
+            if has_truth:
+                row.update(agreement(truth_by_spot.loc[stored.obs_names].to_numpy(), values))
+                row["metrics_status"] = "ok"
+            else:
+                row.update({"ari": None, "nmi": None, "homogeneity": None, "completeness": None, "n_labelled": 0,
+                            "metrics_status": "skipped: slide has no truth labels"})
+            rows.append(row)
+    written = metrics.write(context, {"clustering_metrics": rows})
+    best = max((r for r in rows if r["ari"] is not None), key=lambda r: r["ari"], default=None)
+    return MaterializeResult(metadata={
+        "rows_written": MetadataValue.json(written),
+        "truth_labels": has_truth,
+        **({"best": f"{best['representation']} {best['clustering_method']} {best['refinement']}: ARI {best['ari']:.3f}"}
+           if best else {}),
+    })

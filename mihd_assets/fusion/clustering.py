@@ -1,0 +1,147 @@
+"""Clustering of spot embeddings: R mclust (default), k-means, Leiden; spatial refinement.
+
+Inputs are validated before they reach R (seed 000: ``svd(data, nu=0): a dimension is
+zero`` surfaced from inside mclust with no hint of which matrix was wrong).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class ClusteringInputError(ValueError):
+    """The matrix handed to a clustering method cannot be clustered as asked."""
+
+
+class MclustUnavailable(RuntimeError):
+    """R, rpy2 or the mclust package is missing."""
+
+
+MCLUST_INSTALL = (
+    "install R and mclust (Debian/Ubuntu: `apt-get install r-base-core r-cran-mclust`, or "
+    "`bash scripts/install_system_deps.sh`; elsewhere: R's install.packages('mclust')) and "
+    "rpy2 3.5.x (`pip install 'rpy2>=3.5.17,<3.6'`)"
+)
+
+
+def validate_for_clustering(values: np.ndarray, n_clusters: int, where: str) -> np.ndarray:
+    """A 2-D finite float64 matrix with at least ``n_clusters`` rows and no empty dimension."""
+    x = np.asarray(values)
+    if x.ndim != 2:
+        raise ClusteringInputError(f"{where}: expected a 2-D (spots x dims) matrix, got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ClusteringInputError(f"{where}: matrix of shape {x.shape} has an empty dimension")
+    if n_clusters < 1:
+        raise ClusteringInputError(f"{where}: number of clusters must be >= 1, got {n_clusters}")
+    if x.shape[0] < n_clusters:
+        raise ClusteringInputError(f"{where}: {x.shape[0]} spots (shape {x.shape}) but {n_clusters} clusters requested")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=1).sum())
+        raise ClusteringInputError(f"{where}: {bad} of {x.shape[0]} rows of the {x.shape} matrix have NaN/inf values")
+    if not (x.std(axis=0) > 0).any():
+        raise ClusteringInputError(f"{where}: every column of the {x.shape} matrix is constant")
+    return x.astype(np.float64)
+
+
+def mclust_available() -> tuple[bool, str]:
+    """Whether R, rpy2 and mclust can be used here, and why not."""
+    try:
+        import rpy2.robjects as ro
+        from rpy2.robjects.packages import isinstalled
+    except Exception as exc:  # rpy2 missing, or R's shared library not found
+        return False, f"rpy2/R not usable ({type(exc).__name__}: {exc})"
+    if not isinstalled("mclust"):
+        return False, f"R ({ro.r('R.version.string')[0]}) has no mclust package"
+    return True, ""
+
+
+def mclust_labels(values: np.ndarray, n_clusters: int, model_name: str = "EEE", seed: int = 2020,
+                  where: str = "mclust") -> np.ndarray:
+    """``Mclust(X, G=n_clusters, modelNames=model_name)`` after ``set.seed(seed)``; labels 0..G-1."""
+    x = validate_for_clustering(values, n_clusters, where)
+    ok, why = mclust_available()
+    if not ok:
+        raise MclustUnavailable(f"{where}: R mclust is not available: {why}. To fix: {MCLUST_INSTALL}")
+    import rpy2.robjects as ro
+    from rpy2.robjects import numpy2ri
+    from rpy2.robjects.conversion import localconverter
+
+    ro.r("suppressPackageStartupMessages(library(mclust))")
+    ro.r["set.seed"](seed)
+    with localconverter(ro.default_converter + numpy2ri.converter):
+        r_x = ro.conversion.get_conversion().py2rpy(x)
+    result = ro.r["Mclust"](r_x, G=n_clusters, modelNames=model_name, verbose=False)
+    if result is ro.NULL or not hasattr(result, "rx2"):
+        raise RuntimeError(
+            f"{where}: Mclust returned no model for G={n_clusters}, model {model_name} on a {x.shape} matrix "
+            "(singular covariance: too many dimensions for the number of spots?)"
+        )
+    classification = np.asarray(result.rx2("classification"), dtype=np.int64)
+    if classification.shape[0] != x.shape[0]:
+        raise RuntimeError(f"{where}: Mclust returned {classification.shape[0]} labels for {x.shape[0]} spots")
+    return classification - 1
+
+
+def kmeans_labels(values: np.ndarray, n_clusters: int, seed: int = 0, where: str = "kmeans") -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    x = validate_for_clustering(values, n_clusters, where)
+    return KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(x).astype(np.int64)
+
+
+def leiden_labels(values: np.ndarray, n_clusters: int, seed: int = 0, n_neighbors: int = 15,
+                  where: str = "leiden") -> tuple[np.ndarray, dict]:
+    """Leiden on the k-NN graph of the embedding, resolution bisected until it yields
+    ``n_clusters`` communities (the usual way to compare it with fixed-K methods)."""
+    import igraph as ig
+    import leidenalg
+    from sklearn.neighbors import kneighbors_graph
+
+    x = validate_for_clustering(values, n_clusters, where)
+    graph = kneighbors_graph(x, n_neighbors=min(n_neighbors, x.shape[0] - 1), mode="connectivity")
+    graph = graph.maximum(graph.T).tocoo()
+    keep = graph.row < graph.col
+    g = ig.Graph(n=x.shape[0], edges=list(zip(graph.row[keep].tolist(), graph.col[keep].tolist())))
+
+    def run(resolution: float) -> np.ndarray:
+        part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition,
+                                        resolution_parameter=resolution, seed=seed)
+        return np.asarray(part.membership, dtype=np.int64)
+
+    low, high = 0.01, 5.0
+    best, best_res = run(1.0), 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        labels = run(mid)
+        found = int(labels.max()) + 1
+        if abs(found - n_clusters) < abs(int(best.max()) + 1 - n_clusters):
+            best, best_res = labels, mid
+        if found == n_clusters:
+            break
+        if found < n_clusters:
+            low = mid
+        else:
+            high = mid
+    return best, {"resolution": round(best_res, 5), "n_found": int(best.max()) + 1}
+
+
+def refine_labels(labels: np.ndarray, coords: np.ndarray, k: int = 15) -> np.ndarray:
+    """Majority vote of each spot's ``k`` nearest other spots (ties keep the spot's own label
+    when it is among the most frequent, else the smallest label)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    labels = np.asarray(labels, dtype=np.int64)
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.shape != (labels.shape[0], 2):
+        raise ClusteringInputError(f"refinement: coordinates of shape {coords.shape} for {labels.shape[0]} labels")
+    k = min(k, labels.shape[0] - 1)
+    if k < 1:
+        return labels.copy()
+    _, idx = NearestNeighbors(n_neighbors=k + 1).fit(coords).kneighbors(coords)
+    neighbour_labels = labels[idx[:, 1:]]
+    n_labels = int(labels.max()) + 1
+    counts = np.zeros((labels.shape[0], n_labels), dtype=np.int64)
+    np.add.at(counts, (np.repeat(np.arange(labels.shape[0]), k), neighbour_labels.ravel()), 1)
+    top = counts.max(axis=1)
+    own_is_top = counts[np.arange(labels.shape[0]), labels] == top
+    return np.where(own_is_top, labels, counts.argmax(axis=1))

@@ -1,0 +1,1 @@
+"""Figures and reports rendered from stored results only (never by re-running a model)."""

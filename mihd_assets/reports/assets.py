@@ -1,0 +1,91 @@
+"""Report assets: per-slide figures from stored labels, and the offline Plotly benchmark."""
+
+import base64
+
+import numpy as np
+from dagster import AssetExecutionContext, AssetIn, AssetKey, MaterializeResult, MetadataValue, asset
+
+from dagster_project.partitions import slides_partitions
+from mihd_assets.fileio import atomic_write_bytes, atomic_write_text
+from mihd_assets.fusion.assets import ALL_CLUSTERING_KEYS
+from mihd_assets.slides.assets import RAW_SLIDE
+from mihd_resources import MetricsStore, settings
+
+from .benchmark import benchmark_html
+from .figures import slide_panels_png
+
+CLUSTERING_METRICS = AssetKey(["evaluation", "clustering_metrics"])
+
+
+def _display_image(raw, slide_id: str) -> tuple[np.ndarray | None, float]:
+    """The stored hires (else lowres) image and its scale factor."""
+    info = raw.uns["spatial"][slide_id]
+    for name in ("hires", "lowres"):
+        if name in info.get("images", {}):
+            return np.asarray(info["images"][name]), float(info["scalefactors"][f"tissue_{name}_scalef"])
+    return None, 1.0
+
+
+@asset(
+    key=AssetKey(["reports", "slide_figures"]),
+    ins={"__".join(k.path[1:]): AssetIn(key=k) for k in ALL_CLUSTERING_KEYS} | {"raw": AssetIn(key=RAW_SLIDE)},
+    group_name="reports",
+    partitions_def=slides_partitions,
+    code_version="1",
+    kinds={"matplotlib"},
+)
+def slide_figures(context: AssetExecutionContext, raw, **labels) -> MaterializeResult:
+    """One PNG per clustering of this slide: H&E | ground truth | prediction (refined labels),
+    drawn only from the stored labels and the stored image; the best one is shown inline."""
+    slide_id = context.partition_key
+    image, scale = _display_image(raw, slide_id)
+    truth = raw.obs["truth"] if "truth" in raw.obs and raw.obs["truth"].notna().any() else None
+    index = {b: i for i, b in enumerate(raw.obs_names)}
+    out_dir = settings.storage_root() / "reports" / "slide_figures" / slide_id
+    paths, previews = {}, {}
+    for name, stored in sorted(labels.items()):
+        rows = [index[b] for b in stored.obs_names]
+        xy = np.asarray(raw.obsm["spatial"], dtype=np.float64)[rows] * scale
+        t = None if truth is None else truth.iloc[rows].astype(object).to_numpy()
+        png = slide_panels_png(image, xy, t, stored.refined, f"{slide_id} · {name} (refined)")
+        path = out_dir / f"{name}.png"
+        atomic_write_bytes(path, png)
+        paths[name] = MetadataValue.path(str(path))
+        previews[name] = png
+    if not previews:
+        raise ValueError(f"slide '{slide_id}': no stored clusterings to draw")
+    shown = next(iter(sorted(previews)))
+    context.log.info(f"slide {slide_id}: {len(paths)} figures in {out_dir}")
+    return MaterializeResult(metadata={
+        "n_figures": len(paths),
+        "folder": MetadataValue.path(str(out_dir)),
+        "preview": MetadataValue.md(
+            f"**{shown}**\n\n![{shown}](data:image/png;base64,{base64.b64encode(previews[shown]).decode()})"
+        ),
+        **{f"figure/{k}": v for k, v in paths.items()},
+    })
+
+
+@asset(
+    key=AssetKey(["reports", "benchmark_report"]),
+    deps=[CLUSTERING_METRICS],
+    group_name="reports",
+    code_version="1",
+    kinds={"plotly", "duckdb"},
+)
+def benchmark_report(context: AssetExecutionContext, metrics: MetricsStore) -> MaterializeResult:
+    """Offline Plotly HTML report of ARI and NMI by method and slide (plotly.js embedded,
+    data as plain lists, bar axes from zero), read from DuckDB `clustering_latest`."""
+    with metrics.connect() as con:
+        frame = con.execute("SELECT * FROM clustering_latest WHERE metrics_status = 'ok'").df()
+    page = benchmark_html(frame)
+    path = settings.storage_root() / "reports" / "benchmark_report.html"
+    atomic_write_text(path, page)
+    top = (frame.groupby(["representation", "clustering_method", "refinement"])["ari"].mean()
+           .sort_values(ascending=False).head(10).reset_index())
+    return MaterializeResult(metadata={
+        "path": MetadataValue.path(str(path)),
+        "n_rows": len(frame),
+        "n_slides": int(frame["slide_id"].nunique()),
+        "top_methods_mean_ari": MetadataValue.md(top.to_markdown(index=False, floatfmt=".3f")),
+    })

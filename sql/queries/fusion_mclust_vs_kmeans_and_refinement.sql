@@ -1,0 +1,9 @@
+-- Seed 000: what mclust (vs the k-means it silently fell back to) and refinement are worth.
+SELECT representation, refinement,
+       avg(ari) FILTER (WHERE clustering_method = 'mclust') AS mclust_ari,
+       avg(ari) FILTER (WHERE clustering_method = 'kmeans') AS kmeans_ari,
+       avg(ari) FILTER (WHERE clustering_method = 'leiden') AS leiden_ari
+FROM clustering_latest
+WHERE metrics_status = 'ok' AND kind <> 'image_only'
+GROUP BY ALL
+ORDER BY representation, refinement;

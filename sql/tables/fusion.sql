@@ -1,0 +1,32 @@
+-- Fusion / clustering family: one row per slide x clustering (every matrix dimension) x
+-- refinement. `clustering_method_used` differs from `clustering_method` only when a
+-- configured fallback ran (never silently).
+CREATE TABLE IF NOT EXISTS clustering_metrics (
+    asset_key               VARCHAR NOT NULL,
+    partition_key           VARCHAR NOT NULL,
+    run_id                  VARCHAR NOT NULL,
+    code_version            VARCHAR,
+    written_at              TIMESTAMP NOT NULL,
+    slide_id                VARCHAR NOT NULL,
+    representation          VARCHAR NOT NULL,   -- what was clustered (asset name)
+    kind                    VARCHAR NOT NULL,   -- gene | vision | fusion | image_only
+    fusion_method           VARCHAR,            -- concat, mean, ..., staig_fusion; image-only method
+    gene_encoder            VARCHAR,
+    vision                  VARCHAR,            -- <encoder>_<variant>
+    clustering_method       VARCHAR NOT NULL,   -- requested
+    clustering_method_used  VARCHAR NOT NULL,   -- what ran
+    refinement              VARCHAR NOT NULL,   -- none | majority_k<k>
+    n_clusters              INTEGER,
+    n_clusters_source       VARCHAR,
+    n_spots                 INTEGER,
+    n_labelled              INTEGER,
+    ari                     DOUBLE,
+    nmi                     DOUBLE,
+    homogeneity             DOUBLE,
+    completeness            DOUBLE,
+    chaos                   DOUBLE,
+    pas                     DOUBLE,
+    metrics_status          VARCHAR,            -- ok | skipped: <reason>
+    weights                 VARCHAR,            -- random when any upstream encoder ran with random weights
+    profile                 VARCHAR
+);
