@@ -18,6 +18,7 @@ import numpy as np
 import tifffile
 
 from mihd_resources import settings
+from mihd_resources.storage import InvalidPartitionKey, validate_partition_key
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 CHANNEL_NAME = re.compile(r"^(?P<stem>.+)_b(?P<block>\d+)c(?P<channel>\d+)$")
@@ -32,17 +33,6 @@ def annotations_root() -> Path:
     return Path(env).resolve() if env else settings.tiles_root().parent / "annotations"
 
 
-def validate_donor_key(name: str) -> str | None:
-    """None when ``name`` can be a partition key, else the reason it cannot."""
-    if not name or name in (".", ".."):
-        return f"{name!r} is empty or a relative path"
-    if "/" in name or "\\" in name or ".." in name:
-        return f"{name!r} contains a path separator or '..'"
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        return f"{name!r} has characters outside [A-Za-z0-9_.-]"
-    return None
-
-
 def scan_donors(tiles_root: str | Path) -> tuple[list[str], list[str]]:
     """(valid donor folder names, refusal messages) under ``tiles_root``."""
     root = Path(tiles_root)
@@ -52,8 +42,10 @@ def scan_donors(tiles_root: str | Path) -> tuple[list[str], list[str]]:
     for entry in sorted(root.iterdir()):
         if not entry.is_dir():
             continue
-        problem = validate_donor_key(entry.name)
-        (refused.append(f"{entry}: {problem}") if problem else valid.append(entry.name))
+        try:
+            valid.append(validate_partition_key(entry.name))
+        except InvalidPartitionKey as err:
+            refused.append(f"{entry}: {err}")
     return valid, refused
 
 
@@ -115,21 +107,25 @@ def discover_tiles(donor_dir: str | Path, donor: str | None = None) -> tuple[lis
 
 
 class TileReadError(ValueError):
-    """A tile's files exist but are not a usable pair of 2-D images."""
+    """A tile's files exist but are not a usable pair of 2-D images; ``file`` is the one at fault."""
+
+    def __init__(self, file: str, message: str):
+        super().__init__(message)
+        self.file = file
 
 
 def _read_plane(path: Path) -> np.ndarray:
     try:
         array = tifffile.imread(path)
     except (tifffile.TiffFileError, OSError, ValueError, EOFError) as err:
-        raise TileReadError(f"{path.name}: unreadable TIFF ({type(err).__name__}: {err})") from err
+        raise TileReadError(path.name, f"{path.name}: unreadable TIFF ({type(err).__name__}: {err})") from err
     array = np.squeeze(array)
     if array.ndim != 2:
-        raise TileReadError(f"{path.name}: expected one 2-D channel, got shape {array.shape}")
+        raise TileReadError(path.name, f"{path.name}: expected one 2-D channel, got shape {array.shape}")
     if not np.issubdtype(array.dtype, np.number):
-        raise TileReadError(f"{path.name}: non-numeric pixel type {array.dtype}")
+        raise TileReadError(path.name, f"{path.name}: non-numeric pixel type {array.dtype}")
     if not np.isfinite(array).all():
-        raise TileReadError(f"{path.name}: non-finite pixel values")
+        raise TileReadError(path.name, f"{path.name}: non-finite pixel values")
     return array
 
 
@@ -138,6 +134,7 @@ def read_pair(pair: TilePair) -> tuple[np.ndarray, np.ndarray]:
     dapi, marker = _read_plane(pair.dapi_path), _read_plane(pair.marker_path)
     if dapi.shape != marker.shape:
         raise TileReadError(
+            pair.marker_path.name,
             f"{pair.stem}: DAPI {pair.dapi_path.name} is {dapi.shape} but marker {pair.marker_path.name} is {marker.shape}"
         )
     return dapi.astype(np.float32), marker.astype(np.float32)
