@@ -124,8 +124,36 @@ def cmd_materialize(args) -> int:
             print(f"{prefix} FAILED after {seconds:.1f} s (run {result.run_id[:8]})", flush=True)
             for line in _step_errors(result):
                 print(f"    {line}", flush=True)
+    failures += _materialize_reports(instance, defs, graph, args, level)
     print(f"materialize finished in {time.perf_counter() - started_all:.1f} s; {failures} slide(s) failed or blocked")
     return 1 if failures else 0
+
+
+def _materialize_reports(instance, defs, graph, args, level) -> int:
+    """Cross-slide summaries, when missing or older than what they summarise."""
+    from dagster_project.freshness import plan_for_graph
+    from dagster_project.jobs import REPORT_JOB_NAME
+
+    job = defs.resolve_job_def(REPORT_JOB_NAME)
+    keys = set(job.asset_layer.executable_asset_keys)
+    # Upstream slide assets count as parents: a newer partition of them makes the report stale.
+    plan = plan_for_graph(instance, graph, keys | {p for k in keys for p in graph.get(k).parent_keys}, None)
+    todo = [k for k in plan.to_materialize if k in keys]
+    if not todo:
+        return 0
+    print(f"reports: materializing {', '.join(k.to_user_string() for k in todo)}", flush=True)
+    if args.dry_run:
+        return 0
+    result = job.execute_in_process(
+        instance=instance, asset_selection=todo, raise_on_error=False,
+        tags={"mihd/launched_by": "mihd materialize", "mihd/profile": settings.profile()},
+        run_config={"loggers": {"console": {"config": {"log_level": level}}}},
+    )
+    if result.success:
+        return 0
+    for line in _step_errors(result):
+        print(f"    {line}", flush=True)
+    return 1
 
 
 def cmd_sql(args) -> int:

@@ -14,7 +14,7 @@ from mihd_assets.reports import assets as report_assets
 from mihd_assets.slides import assets as slide_assets
 
 from .families import family_definitions
-from .jobs import build_slide_job
+from .jobs import build_report_job, build_slide_job
 from .resources import build_resources
 from .schedules import slide_backfill_schedule
 from .sensors import slide_discovery_sensor
@@ -23,7 +23,7 @@ all_assets = load_assets_from_modules([slide_assets, embedding_assets, fusion_as
 
 slide_defs = Definitions(
     assets=all_assets,
-    jobs=[build_slide_job(all_assets)],
+    jobs=[build_slide_job(all_assets), build_report_job(all_assets)],
     sensors=[slide_discovery_sensor],
     schedules=[slide_backfill_schedule],
     resources=build_resources(),

@@ -23,3 +23,16 @@ def build_slide_job(assets: list[AssetsDefinition]):
         description="Every slide-partitioned asset for one slide per run; runs skip fresh assets "
         "when launched by the backfill schedule.",
     )
+
+
+REPORT_JOB_NAME = "slide_reports_job"
+
+
+def build_report_job(assets: list[AssetsDefinition]):
+    """The unpartitioned assets that summarise every slide (e.g. the benchmark report)."""
+    keys = [k for a in assets if a.partitions_def is None for k in a.keys]
+    return define_asset_job(
+        REPORT_JOB_NAME,
+        selection=AssetSelection.assets(*keys),
+        description="Cross-slide summaries (benchmark report); run after the slide job.",
+    )
