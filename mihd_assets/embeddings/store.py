@@ -30,7 +30,11 @@ class SpotEmbedding:
                 f"embedding shape {self.values.shape} does not match {len(self.obs_names)} spot barcodes"
             )
         if not np.isfinite(self.values).all():
-            raise ValueError(f"embedding {self.info.get('encoder', '?')} has non-finite values")
+            bad = int((~np.isfinite(self.values)).any(axis=1).sum())
+            raise ValueError(
+                f"embedding {self.info.get('encoder', '?')} of shape {self.values.shape} has NaN/inf values "
+                f"in {bad} rows"
+            )
 
     def save(self, path: str | Path) -> None:
         with atomic_path(path) as tmp:
@@ -45,4 +49,7 @@ class SpotEmbedding:
     @classmethod
     def load(cls, path: str | Path) -> "SpotEmbedding":
         with np.load(path, allow_pickle=False) as data:
-            return cls(data["values"], data["obs_names"].tolist(), json.loads(str(data["info_json"])))
+            try:
+                return cls(data["values"], data["obs_names"].tolist(), json.loads(str(data["info_json"])))
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from err
