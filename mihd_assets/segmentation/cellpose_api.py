@@ -196,7 +196,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     # bfloat16 is cellpose's default on GPUs; on CPU float32 is both faster and exact.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     net = _build_network(config, torch.float32)
-    net.load_state_dict(state, strict=True)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CellposeWeightsError(f"{path}: state dict does not match the {config.name} CPSAM network: {err}") from err
     net = net.to(device)
     if dtype != torch.float32:
         net.dtype = dtype

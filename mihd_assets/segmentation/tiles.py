@@ -119,6 +119,8 @@ def _read_plane(path: Path) -> np.ndarray:
         array = tifffile.imread(path)
     except (tifffile.TiffFileError, OSError, ValueError, EOFError) as err:
         raise TileReadError(path.name, f"{path.name}: unreadable TIFF ({type(err).__name__}: {err})") from err
+    if array.size == 0:
+        raise TileReadError(path.name, f"{path.name}: unreadable TIFF (no image data; truncated or not a TIFF)")
     array = np.squeeze(array)
     if array.ndim != 2:
         raise TileReadError(path.name, f"{path.name}: expected one 2-D channel, got shape {array.shape}")
