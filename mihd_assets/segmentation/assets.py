@@ -650,8 +650,12 @@ def e5_donor_statistics(context: AssetExecutionContext, metrics: MetricsStore) -
         spearman.append(table.assign(model=model))
         model_tiles = tiles[tiles["model"] == model]
         has_cells = model_tiles.groupby("donor_id")["n_cells"].transform("sum") > 0
-        matrix = TileMatrix.from_counts(model_tiles[has_cells])
-        rhos = bootstrap_rhos(matrix, clinical.values[list(OUTCOMES)], plan.bootstrap_replicates, plan.bootstrap_fraction, plan.bootstrap_seed)
+        if has_cells.any():
+            matrix = TileMatrix.from_counts(model_tiles[has_cells])
+            rhos = bootstrap_rhos(matrix, clinical.values[list(OUTCOMES)], plan.bootstrap_replicates, plan.bootstrap_fraction, plan.bootstrap_seed)
+        else:
+            context.log.warning(f"E5 {model}: no donor has a counted cell; no bootstrap (the model found nothing)")
+            rhos = np.full((0, len(OUTCOMES)), np.nan)
         boot.append(bootstrap_summary(rhos, table["rho"].to_numpy(), list(OUTCOMES)).assign(model=model, tile_fraction=plan.bootstrap_fraction))
         significant = table.loc[table["q_value"] < 0.05, "outcome"].tolist()
         context.log.info(f"E5 {model}: {len(series)} donors; FDR<0.05: {significant or 'none'}")

@@ -44,7 +44,8 @@ class SegmentationPlan:
 def plan_for_profile(profile: str | None = None) -> SegmentationPlan:
     """Full sizes by default; the demo profile trains a random tiny network briefly (a
     higher learning rate, since it starts from random weights) and uses fewer replicates.
-    ``MIHD_SEG_MARKER_THRESHOLD`` overrides the positivity threshold for real data."""
+    ``MIHD_SEG_MARKER_THRESHOLD`` overrides the positivity threshold for real data and
+    ``MIHD_SEG_EPOCHS`` the training epochs (smoke runs); both are recorded with the results."""
     profile = profile or settings.profile()
     plan = SegmentationPlan()
     if profile == "demo":
@@ -52,4 +53,6 @@ def plan_for_profile(profile: str | None = None) -> SegmentationPlan:
                        bootstrap_replicates=500)
     if os.environ.get("MIHD_SEG_MARKER_THRESHOLD"):
         plan = replace(plan, marker_threshold=float(os.environ["MIHD_SEG_MARKER_THRESHOLD"]))
+    if os.environ.get("MIHD_SEG_EPOCHS"):
+        plan = replace(plan, n_epochs=int(os.environ["MIHD_SEG_EPOCHS"]))
     return plan

@@ -166,6 +166,8 @@ class TileMatrix:
 
     @classmethod
     def from_counts(cls, tile_counts: pd.DataFrame) -> "TileMatrix":
+        if tile_counts.empty:
+            raise ValueError("no tile counts to bootstrap")
         donors = sorted(tile_counts["donor_id"].unique())
         groups = {d: g for d, g in tile_counts.groupby("donor_id")}
         width = max(len(g) for g in groups.values())
