@@ -14,7 +14,9 @@ from typing import Callable
 from dagster import Definitions
 
 # (module with `defs`, module with `run_demo`) per family, in demo order.
-FAMILIES: list[tuple[str, str]] = []
+FAMILIES: list[tuple[str, str]] = [
+    ("mihd_assets.segmentation.definitions", "mihd_assets.segmentation.demo"),
+]
 
 
 def family_definitions() -> list[Definitions]:
