@@ -15,6 +15,7 @@ from dagster import Definitions
 
 # (module with `defs`, module with `run_demo`) per family, in demo order.
 FAMILIES: list[tuple[str, str]] = [
+    ("mihd_assets.geometry.definitions", "mihd_assets.geometry.demo"),
     ("mihd_assets.segmentation.definitions", "mihd_assets.segmentation.demo"),
 ]
 

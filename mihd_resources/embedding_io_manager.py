@@ -8,6 +8,8 @@ from dagster import ConfigurableIOManager, InputContext, OutputContext
 
 from mihd_assets.embeddings.store import SpotEmbedding
 
+from .io_manager import partitions_for_unpartitioned_consumer
+
 
 class EmbeddingIOManager(ConfigurableIOManager):
     base_dir: str
@@ -23,8 +25,14 @@ class EmbeddingIOManager(ConfigurableIOManager):
         obj.save(path)
         context.add_output_metadata({"path": str(path), "shape": list(obj.values.shape)})
 
-    def load_input(self, context: InputContext) -> SpotEmbedding:
-        path = self._path(context)
+    def load_input(self, context: InputContext) -> SpotEmbedding | dict[str, SpotEmbedding]:
+        keys = partitions_for_unpartitioned_consumer(context)
+        if keys is not None:
+            return {k: self._load(Path(self.base_dir, *context.asset_key.path, f"{k}.npz")) for k in keys}
+        return self._load(self._path(context))
+
+    @staticmethod
+    def _load(path: Path) -> SpotEmbedding:
         if not path.is_file():
             raise FileNotFoundError(f"no stored embedding {path}; materialize the upstream partition first")
         return SpotEmbedding.load(path)

@@ -37,13 +37,26 @@ class AnnDataIOManager(ConfigurableIOManager):
             obj.write_h5ad(tmp)
         context.add_output_metadata({"path": str(path), "n_obs": obj.n_obs, "n_vars": obj.n_vars})
 
-    def load_input(self, context: InputContext) -> ad.AnnData:
-        path = self._path(context)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{context.upstream_output.asset_key.to_user_string() if context.upstream_output else ''}: "
-                f"no stored file {path}; materialize the upstream partition first"
-            )
+    def load_input(self, context: InputContext) -> ad.AnnData | dict[str, ad.AnnData]:
         import anndata as ad
 
-        return ad.read_h5ad(path)
+        keys = partitions_for_unpartitioned_consumer(context)
+        if keys is not None:
+            return {k: ad.read_h5ad(self._existing(context, k)) for k in keys}
+        return ad.read_h5ad(self._existing(context, None))
+
+    def _existing(self, context: InputContext, partition: str | None) -> Path:
+        path = self._path(context) if partition is None else Path(self.base_dir, *context.asset_key.path, f"{partition}.h5ad")
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{context.asset_key.to_user_string()}: no stored file {path}; materialize the upstream partition first"
+            )
+        return path
+
+
+def partitions_for_unpartitioned_consumer(context: InputContext) -> list[str] | None:
+    """The upstream partitions an unpartitioned asset reads (it gets ``{partition: object}``),
+    or None when one object is loaded (same partition, or no partitions at all)."""
+    if context.has_asset_partitions and not context.has_partition_key:
+        return sorted(context.asset_partition_keys)
+    return None

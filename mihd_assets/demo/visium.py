@@ -3,6 +3,9 @@
 Each slide is a curved cortical ribbon (L1-L6 and white matter) on the Visium hexagonal
 grid. Both modalities carry the layers: every layer has its own marker genes in the
 counts, and its own nucleus density, nucleus size and stain tint in the H&E-like image.
+A few "spatial program" genes vary smoothly along the ribbon and across its depth (as
+areal and laminar gradients do in real cortex), the same way on every slide, so that
+expression says where a spot lies within its layer too (the geometry family needs that).
 
 Files per slide (``<root>/<slide>/``), as Space Ranger 1.x + spatialLIBD would leave them:
 
@@ -31,7 +34,7 @@ from ..fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 LAYERS = ("Layer1", "Layer2", "Layer3", "Layer4", "Layer5", "Layer6", "WM")
 # Relative thickness of each layer across the cortical ribbon (L3 and WM are thick).
 LAYER_WIDTHS = np.array([0.08, 0.08, 0.18, 0.10, 0.15, 0.16, 0.25])
@@ -76,6 +79,11 @@ class DemoSlideSpec:
     marker_fold: float = 3.0
     dispersion: float = 6.0  # negative-binomial size parameter
     unlabelled_fraction: float = 0.01
+    # Smooth spatial programs: genes peaking at points along the ribbon, and at depths across it.
+    n_along_programs: int = 16
+    n_depth_programs: int = 8
+    program_fold: float = 4.0  # peak / baseline expression of a program gene
+    program_share: float = 0.15  # share of a spot's expected counts at the programs' baseline
 
 
 def slide_ids(n_slides: int) -> list[str]:
@@ -111,28 +119,56 @@ class _Geometry:
         u, v = (x - self.cx) / self.rx, (y - self.cy) / self.ry
         return np.abs(u) ** 4 + np.abs(v) ** 4 <= 1.0  # rounded rectangle
 
-    def depth(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """0 at the pial surface, 1 deep in white matter (unclipped)."""
+    def frame(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(along the ribbon, about -1..1; depth: 0 at the pial surface, 1 deep in white matter, unclipped)."""
         u, v = (x - self.cx) / self.rx, (y - self.cy) / self.ry
         along = u * np.cos(self.angle) + v * np.sin(self.angle)
         across = -u * np.sin(self.angle) + v * np.cos(self.angle)
         across = across + self.wave_amp * np.sin(self.wave_freq * np.pi * along + self.wave_phase)
-        return (across + 1.0) / 2.0
+        return along, (across + 1.0) / 2.0
+
+    def depth(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self.frame(x, y)[1]
 
     def layer_index(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         d = np.clip(self.depth(x, y), 0.0, 1.0 - 1e-9)
         return np.searchsorted(self.edges, d, side="right") - 1
 
 
-def _gene_names(n_genes: int) -> list[str]:
+def _program_names(spec: DemoSlideSpec) -> list[str]:
+    return [f"PROGA{i + 1:02d}" for i in range(spec.n_along_programs)] + [
+        f"PROGD{i + 1:02d}" for i in range(spec.n_depth_programs)
+    ]
+
+
+def _gene_names(spec: DemoSlideSpec) -> list[str]:
     markers = [g for layer in LAYERS for g in LAYER_MARKERS[layer]]
-    if n_genes < len(markers) + 10:
-        raise ValueError(f"n_genes must be at least {len(markers) + 10}, got {n_genes}")
-    return markers + [f"DEMOG{i:05d}" for i in range(n_genes - len(markers))]
+    programs = _program_names(spec)
+    fixed = len(markers) + len(programs)
+    if spec.n_genes < fixed + 10:
+        raise ValueError(f"n_genes must be at least {fixed + 10}, got {spec.n_genes}")
+    return markers + programs + [f"DEMOG{i:05d}" for i in range(spec.n_genes - fixed)]
 
 
-def _counts(rng: np.random.Generator, layer_idx: np.ndarray, spec: DemoSlideSpec) -> tuple[np.ndarray, list[str]]:
-    names = _gene_names(spec.n_genes)
+def _program_tuning(along: np.ndarray, depth: np.ndarray, spec: DemoSlideSpec) -> np.ndarray:
+    """(n_spots, n_programs) expression multipliers in [1, program_fold]: Gaussian bumps at evenly
+    spaced points along the ribbon, then at evenly spaced depths."""
+    bumps = []
+    if spec.n_along_programs:
+        centres = np.linspace(-1.1, 1.1, spec.n_along_programs)
+        bumps.append(np.exp(-0.5 * ((along[:, None] - centres[None, :]) / 0.22) ** 2))
+    if spec.n_depth_programs:
+        centres = np.linspace(0.0, 1.0, spec.n_depth_programs)
+        bumps.append(np.exp(-0.5 * ((depth[:, None] - centres[None, :]) / 0.12) ** 2))
+    if not bumps:
+        return np.ones((len(along), 0))
+    return 1.0 + (spec.program_fold - 1.0) * np.hstack(bumps)
+
+
+def _counts(
+    rng: np.random.Generator, layer_idx: np.ndarray, spec: DemoSlideSpec, along: np.ndarray, depth: np.ndarray
+) -> tuple[np.ndarray, list[str]]:
+    names = _gene_names(spec)
     n_spots = len(layer_idx)
     base = rng.lognormal(mean=0.0, sigma=1.0, size=spec.n_genes)
     fold = np.ones((len(LAYERS), spec.n_genes))
@@ -144,7 +180,14 @@ def _counts(rng: np.random.Generator, layer_idx: np.ndarray, spec: DemoSlideSpec
                     if 0 <= nb < len(LAYERS):
                         fold[nb, gi] = max(fold[nb, gi], 1.0 + (spec.marker_fold - 1.0) / 3.0)
     profile = base[None, :] * fold[layer_idx]
-    profile /= profile.sum(axis=1, keepdims=True)
+    n_markers = sum(len(v) for v in LAYER_MARKERS.values())
+    programs = slice(n_markers, n_markers + spec.n_along_programs + spec.n_depth_programs)
+    profile[:, programs] = 0.0
+    profile *= (1.0 - spec.program_share) / profile.sum(axis=1, keepdims=True)
+    # Program genes share one baseline on every slide (no per-slide draw), so they mean the same everywhere.
+    n_programs = programs.stop - programs.start
+    if n_programs:
+        profile[:, programs] = spec.program_share / n_programs * _program_tuning(along, depth, spec)
     library = spec.mean_umi * rng.lognormal(mean=0.0, sigma=0.35, size=n_spots)
     mean = profile * library[:, None]
     # Negative binomial as a gamma-Poisson mixture.
@@ -245,7 +288,8 @@ def write_demo_slide(folder: str | Path, slide_id: str, seed: int, spec: DemoSli
 
     idx = np.flatnonzero(in_tissue)
     layer_idx = geo.layer_index(x[idx], y[idx])
-    counts, genes = _counts(rng, layer_idx, spec)
+    along, depth = geo.frame(x[idx], y[idx])
+    counts, genes = _counts(rng, layer_idx, spec, along, depth)
     tissue_barcodes = [barcodes[i] for i in idx]
     _write_10x_h5(folder / "filtered_feature_bc_matrix.h5", counts, tissue_barcodes, genes)
 

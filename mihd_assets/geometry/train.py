@@ -1,0 +1,246 @@
+"""Training with resumable, atomic checkpoints.
+
+A checkpoint holds the model and optimizer state, both configs, the step, the loss
+history, the state of the one random generator that draws batches and noise, and the
+fingerprint of the training set. It is written atomically every ``checkpoint_every``
+steps, so a killed run leaves the last complete checkpoint; a new run with the same
+configs and training set continues from it and, every draw coming from the saved
+generator, ends where an uninterrupted run would have. A non-finite loss stops training
+with an error and writes nothing, so the file on disk stays the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..fileio import atomic_path
+from . import losses
+from .config import TrainConfig
+from .edm import edm_loss, sample_sigma
+from .models import ARCHITECTURE, GeometryModel, ModelConfig, centre
+from .targets import GeometrySets, GeometryTrainingSet
+
+# Settings that may change between a run and its resumption without invalidating it.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced NaN/inf; the message names the step, the losses and the kept checkpoint."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model it is loaded into; the message names the keys."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    resumed_from_step: int
+    resume_note: str
+    seconds: float
+    last_losses: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def set_batch(ts: GeometryTrainingSet, sets: GeometrySets, rows: np.ndarray, device) -> tuple[torch.Tensor, ...]:
+    """Features, targets and mask of ``rows`` of ``sets``, trimmed to the longest set among them."""
+    size = sets.size[rows]
+    n = int(size.max())
+    idx = sets.index[rows, :n]
+    feats = np.zeros((len(rows), n, ts.slides[0].features.shape[1]), dtype=np.float32)
+    for j, s in enumerate(sets.slide[rows]):
+        feats[j, : size[j]] = ts.slides[s].features[idx[j, : size[j]]]
+    mask = np.arange(n)[None, :] < size[:, None]
+    return (torch.from_numpy(feats).to(device), torch.from_numpy(sets.targets[rows, :n].copy()).to(device),
+            torch.from_numpy(mask).to(device))
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when asked; a no-op context otherwise."""
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compute_losses(model: GeometryModel, feats, target, mask, sigma_data: float, cfg: TrainConfig,
+                   generator: torch.Generator, device, amp: bool) -> dict[str, torch.Tensor]:
+    batch = feats.shape[0]
+    if cfg.feature_noise:
+        feats = feats + cfg.feature_noise * torch.randn(feats.shape, generator=generator).to(device) * mask.unsqueeze(-1)
+    sigma = sample_sigma(batch, cfg.p_mean, cfg.p_std, generator, device)
+    noise = centre(torch.randn(target.shape, generator=generator).to(device), mask) * sigma[:, None, None]
+    with autocast(device, amp):
+        context, v_gen = model(feats, mask)
+        denoised = model.denoiser(target + noise, sigma, context, model.refiner_condition(v_gen, mask), mask, sigma_data)
+    v_gen = v_gen.float()
+    out = {
+        "gen_align": losses.procrustes_mse(v_gen, target, mask),
+        "gen_scale": losses.scale_loss(v_gen, target, mask),
+        "score": edm_loss(denoised.float(), target, sigma, mask, sigma_data),
+    }
+    if cfg.w_knn_nca:
+        out["knn_nca"] = losses.knn_nca_loss(v_gen, target, mask, cfg.knn_k)
+    if cfg.w_edge:
+        out["edge"] = losses.edge_loss(v_gen, target, mask, cfg.knn_k)
+    weights = {"gen_align": cfg.w_gen_align, "gen_scale": cfg.w_gen_scale, "score": cfg.w_score,
+               "knn_nca": cfg.w_knn_nca, "edge": cfg.w_edge}
+    out["total"] = sum(weights[k] * v for k, v in out.items())
+    return out
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% (a function of the step alone: resume-safe)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _compatible(saved: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, fingerprint: str) -> str | None:
+    """Why ``saved`` cannot be resumed (None when it can)."""
+    if saved.get("architecture") != ARCHITECTURE:
+        return f"architecture {saved.get('architecture')!r} is not {ARCHITECTURE!r}"
+    if saved.get("model_config") != model_cfg.as_dict():
+        return f"model config differs ({saved.get('model_config')} vs {model_cfg.as_dict()})"
+    ours = {k: v for k, v in train_cfg.as_dict().items() if k not in RESUMABLE_CHANGES}
+    theirs = {k: v for k, v in saved.get("train_config", {}).items() if k not in RESUMABLE_CHANGES}
+    if ours != theirs:
+        changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        return f"training settings differ: {changed}"
+    if saved.get("data_fingerprint") != fingerprint:
+        return "the training set changed"
+    if saved.get("step", 0) > train_cfg.steps:
+        return f"it is at step {saved['step']}, beyond the requested {train_cfg.steps}"
+    return None
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # re-raised with the file named: torch's own message does not say which
+        raise CheckpointMismatchError(f"cannot read geometry checkpoint {path}: {exc}") from exc
+
+
+def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error naming them."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes[:8]}{' ...' if len(shapes) > 8 else ''}")
+        raise CheckpointMismatchError(f"checkpoint {source} does not fit this geometry model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GeometryModel, dict]:
+    """The model a checkpoint describes, with its weights; (model, checkpoint dict)."""
+    saved = read_checkpoint(path)
+    if saved.get("architecture") != ARCHITECTURE:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} is architecture {saved.get('architecture')!r}, this code builds {ARCHITECTURE!r}"
+        )
+    model = GeometryModel(ModelConfig(**saved["model_config"]))
+    load_state_strict(model, saved["model"], str(path))
+    return model.to(device).eval(), saved
+
+
+def train(
+    ts: GeometryTrainingSet,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    checkpoint_path: str | Path,
+    fingerprint: str,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    log: Callable[[str], None] = print,
+    extra: dict | None = None,
+) -> TrainResult:
+    """Train (or resume) until ``cfg.steps``; the final state is in ``checkpoint_path``.
+
+    ``extra`` is stored in the checkpoint as is (e.g. the frozen encoder and the slides).
+    """
+    device = torch.device(device)
+    checkpoint_path = Path(checkpoint_path)
+    torch.manual_seed(cfg.seed)
+    model = GeometryModel(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step, history, seconds_before, note = 0, [], 0.0, "no checkpoint found: fresh start"
+
+    if checkpoint_path.is_file():
+        saved = read_checkpoint(checkpoint_path)
+        why_not = _compatible(saved, model_cfg, cfg, fingerprint)
+        if why_not is None:
+            load_state_strict(model, saved["model"], str(checkpoint_path))
+            optimizer.load_state_dict(saved["optimizer"])
+            generator.set_state(saved["rng_state"])
+            step, history = int(saved["step"]), list(saved["history"])
+            seconds_before = float(saved.get("seconds", 0.0))
+            note = f"resumed from step {step}"
+        else:
+            note = f"existing checkpoint not resumed ({why_not}): fresh start"
+        log(f"geometry training: {note}")
+    resumed_from = step
+
+    train_sets, sd = ts.train, ts.sigma_data
+    n_sets = len(train_sets.size)
+
+    def payload() -> dict:
+        return {
+            "architecture": ARCHITECTURE, "model_config": model_cfg.as_dict(), "train_config": cfg.as_dict(),
+            "data_fingerprint": fingerprint, "sigma_data": sd, "dims": ts.dims, "step": step,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng_state": generator.get_state(),
+            "history": history, "seconds": seconds_before + (time.perf_counter() - started), **(extra or {}),
+        }
+
+    started = time.perf_counter()
+    last: dict = history[-1] if history else {}
+    model.train()
+    while step < cfg.steps:
+        rows = torch.randint(n_sets, (cfg.batch_size,), generator=generator).numpy()
+        feats, target, mask = set_batch(ts, train_sets, rows, device)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        parts = compute_losses(model, feats, target, mask, sd, cfg, generator, device, amp)
+        values = {k: float(v.detach()) for k, v in parts.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            kept = f"last good checkpoint {checkpoint_path} is kept" if checkpoint_path.is_file() else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"geometry training stopped: non-finite loss at step {step + 1} "
+                f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}); {kept}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            last = {"step": step, **{k: round(v, 6) for k, v in values.items()}}
+            history.append(last)
+            log(f"geometry step {step}/{cfg.steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(checkpoint_path, payload())
+    return TrainResult(step, resumed_from, note, seconds_before + time.perf_counter() - started, last, history)

@@ -1,0 +1,149 @@
+"""Training: it learns, a killed run resumes where it stopped, NaN stops it, foreign checkpoints fail."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mihd_assets.geometry import train as train_mod
+from mihd_assets.geometry.config import TrainConfig
+from mihd_assets.geometry.models import GeometryModel, ModelConfig
+from mihd_assets.geometry.train import (
+    CheckpointMismatchError,
+    NonFiniteLossError,
+    load_model,
+    load_state_strict,
+    read_checkpoint,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = ModelConfig(in_dim=8, width=32, heads=4, inducing=8, context_blocks=1, generator_blocks=1, denoiser_blocks=1)
+CFG = TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, checkpoint_every=20, log_every=10)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _quiet(_msg):
+    pass
+
+
+def test_training_lowers_the_losses(small_training_set, tmp_path):
+    result = train(small_training_set, MODEL, replace(CFG, steps=200, checkpoint_every=200), tmp_path / "c.pt", "fp", log=_quiet)
+    first, last = result.history[0], result.history[-1]
+    assert result.step == 200 and result.resumed_from_step == 0
+    assert last["gen_align"] < first["gen_align"] and last["score"] < first["score"]
+    saved = read_checkpoint(tmp_path / "c.pt")
+    assert saved["step"] == 200 and saved["sigma_data"] == pytest.approx(small_training_set.sigma_data)
+    assert {"model", "optimizer", "rng_state", "model_config", "train_config"} <= set(saved)
+
+
+def _trainer_script(ckpt: Path, steps: int) -> str:
+    return f"""
+import sys, time, torch
+sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+torch.set_num_threads(1)
+from dataclasses import replace
+from conftest import synthetic_slides
+from mihd_assets.geometry.targets import assemble_training_set
+from mihd_assets.geometry import train as T
+from test_train import MODEL, CFG
+ts = assemble_training_set(synthetic_slides(), 2, 64, 4, 24, 40, 0)
+T.train(ts, MODEL, replace(CFG, steps={steps}), {str(ckpt)!r}, "fp", log=lambda m: print(m, flush=True))
+"""
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_and_ends_like_an_uninterrupted_one(small_training_set, tmp_path):
+    ckpt = tmp_path / "killed.pt"
+    steps = 400
+    proc = subprocess.Popen([sys.executable, "-c", _trainer_script(ckpt, steps)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if ckpt.exists() and read_checkpoint(ckpt)["step"] >= 40:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    killed_at = read_checkpoint(ckpt)["step"]
+    assert 40 <= killed_at < steps, f"the run was not killed mid-way (checkpoint at step {killed_at})"
+
+    resumed = train(small_training_set, MODEL, replace(CFG, steps=steps), ckpt, "fp", log=_quiet)
+    assert resumed.resumed_from_step == killed_at and resumed.step == steps
+    assert resumed.resume_note == f"resumed from step {killed_at}"
+
+    straight = train(small_training_set, MODEL, replace(CFG, steps=steps), tmp_path / "straight.pt", "fp", log=_quiet)
+    assert straight.resumed_from_step == 0
+    a, b = read_checkpoint(ckpt)["model"], read_checkpoint(tmp_path / "straight.pt")["model"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_changed_settings_or_data_start_over_and_say_why(small_training_set, tmp_path):
+    ckpt = tmp_path / "c.pt"
+    train(small_training_set, MODEL, replace(CFG, steps=20), ckpt, "fp", log=_quiet)
+    more = train(small_training_set, MODEL, replace(CFG, steps=40), ckpt, "fp", log=_quiet)
+    assert more.resumed_from_step == 20  # more steps: continue
+    other_lr = train(small_training_set, MODEL, replace(CFG, steps=20, lr=1e-4), ckpt, "fp", log=_quiet)
+    assert other_lr.resumed_from_step == 0 and "training settings differ: ['lr']" in other_lr.resume_note
+    other_data = train(small_training_set, MODEL, replace(CFG, steps=20, lr=1e-4), ckpt, "other", log=_quiet)
+    assert other_data.resumed_from_step == 0 and "training set changed" in other_data.resume_note
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(small_training_set, tmp_path, monkeypatch):
+    ckpt = tmp_path / "c.pt"
+    real = train_mod.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 27:
+            out["score"] = out["score"] * float("nan")
+            out["total"] = out["total"] + out["score"]
+        return out
+
+    monkeypatch.setattr(train_mod, "compute_losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 27 .*score=nan.*last good checkpoint .*c\.pt is kept"):
+        train(small_training_set, MODEL, CFG, ckpt, "fp", log=_quiet)
+    saved = read_checkpoint(ckpt)
+    assert saved["step"] == 20
+    model, _ = load_model(ckpt)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_checkpoint_of_another_architecture_fails_naming_the_keys(small_training_set, tmp_path):
+    ckpt = tmp_path / "c.pt"
+    train(small_training_set, MODEL, replace(CFG, steps=5), ckpt, "fp", log=_quiet)
+    state = read_checkpoint(ckpt)["model"]
+    wider = GeometryModel(replace(MODEL, width=48))
+    with pytest.raises(CheckpointMismatchError, match=r"c\.pt does not fit.*shape mismatches \['context\.blocks"):
+        load_state_strict(wider, state, str(ckpt))
+    deeper = GeometryModel(replace(MODEL, denoiser_blocks=2))
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \['denoiser\.blocks\.1\."):
+        load_state_strict(deeper, state, str(ckpt))
+    renamed = {k.replace("generator.", "gen."): v for k, v in state.items()}
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \['generator\..*unexpected keys \['gen\."):
+        load_state_strict(GeometryModel(MODEL), renamed, str(ckpt))
+    payload = read_checkpoint(ckpt)
+    payload["architecture"] = "something-else"
+    torch.save(payload, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointMismatchError, match="foreign.pt is architecture 'something-else'"):
+        load_model(tmp_path / "foreign.pt")
