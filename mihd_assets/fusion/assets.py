@@ -121,7 +121,7 @@ def _fusion_factory(method: str, gene: str, vision: str):
 
     @asset(
         key=fusion_key(name),
-        ins={"gene": AssetIn(key=gene_key(gene)), "vision": AssetIn(key=vision_input_key(vision))},
+        ins={"gene_embedding": AssetIn(key=gene_key(gene)), "vision_embedding": AssetIn(key=vision_input_key(vision))},
         group_name="fusion",
         partitions_def=slides_partitions,
         io_manager_key="embedding_io_manager",
@@ -134,13 +134,13 @@ def _fusion_factory(method: str, gene: str, vision: str):
             "are standardized per modality once, here, before fusing."
         ),
     )
-    def _asset(context: AssetExecutionContext, compute: ComputeResource, gene, vision):
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, gene_embedding, vision_embedding):
         from . import simple, trained as trained_methods
 
         slide_id = context.partition_key
         where = f"slide '{slide_id}' {name}"
-        g = normalize.standardize(gene.values)
-        v = normalize.standardize(_aligned(gene, vision, where))
+        g = normalize.standardize(gene_embedding.values)
+        v = normalize.standardize(_aligned(gene_embedding, vision_embedding, where))
         demo = settings.profile() == "demo"
         if method == "concat":
             fused, info = simple.concat_fusion(g, v)
@@ -151,9 +151,9 @@ def _fusion_factory(method: str, gene: str, vision: str):
             kwargs = DEMO_FUSION_KW[method] if demo else {}
             fused, info = fn(g, v, device=str(compute.torch_device()), progress=_progress(context, where), **kwargs)
         record = {**info, "method": method, "gene_encoder": gene, "vision": vision,
-                  "weights": _upstream_weights(gene, vision), "profile": settings.profile(),
+                  "weights": _upstream_weights(gene_embedding, vision_embedding), "profile": settings.profile(),
                   "normalization": "standardize(gene), standardize(vision) once before fusion"}
-        yield Output(SpotEmbedding(fused, list(gene.obs_names), record),
+        yield Output(SpotEmbedding(fused, list(gene_embedding.obs_names), record),
                      metadata={**_as_metadata(record), "dims": int(fused.shape[1])})
 
     return _asset
