@@ -15,6 +15,13 @@ EXPECTED_ASSETS = {
     "slides/preprocessed_slide_standard",
     "slides/preprocessed_slide_staig",
     "slides/slide_qc_metrics",
+    "fusion/staig_fusion__hvg__uni2_staig_strict",
+    "fusion/concat__pca__uni2_standard",
+    "clustering/gene_pca__mclust",
+    "clustering/staig_fusion__hvg__uni2_staig_strict__mclust",
+    "clustering/image_only__scan__uni2_standard",
+    "evaluation/clustering_metrics",
+    "reports/slide_figures",
 }
 # Per-slide work stays partitioned by slide; families that summarise or learn across slides
 # or donors (geometry, reports, ...) may be unpartitioned and read partitions through mappings.
@@ -74,3 +81,13 @@ def test_schedule_requests_runs_for_missing_partitions(tiny_slides, tmp_path):
     job = defs.resolve_job_def("slide_assets_job")
     assert set(requests[0].asset_selection) == set(job.asset_layer.executable_asset_keys)
     assert EXPECTED_ASSETS <= {k.to_user_string() for k in requests[0].asset_selection}
+
+
+def test_lineage_shows_which_embeddings_feed_which_fusion():
+    graph = defs.resolve_asset_graph()
+    parents = graph.get(AssetKey(["fusion", "concat__pca__uni2_standard"])).parent_keys
+    assert parents == {AssetKey(["embeddings", "gene_pca"]), AssetKey(["embeddings", "vision_uni2_standard"])}
+    staig = graph.get(AssetKey(["fusion", "staig_fusion__hvg__uni2_staig_strict"])).parent_keys
+    assert staig == {AssetKey(["slides", "preprocessed_slide_staig"]), AssetKey(["embeddings", "vision_uni2_staig_strict"])}
+    report = graph.get(AssetKey(["reports", "benchmark_report"]))
+    assert report.partitions_def is None and AssetKey(["evaluation", "clustering_metrics"]) in report.parent_keys
