@@ -421,7 +421,7 @@ def clustering_metrics(context: AssetExecutionContext, metrics: MetricsStore, ra
     from .metrics import agreement, chaos, pas
 
     slide_id = context.partition_key
-    has_truth = "truth" in raw.obs and raw.obs["truth"].notna().any()
+    has_truth = bool("truth" in raw.obs and raw.obs["truth"].notna().any())
     truth_by_spot = raw.obs["truth"] if has_truth else None
     if not has_truth:
         context.log.warning(f"slide {slide_id}: no truth labels; ARI/NMI skipped, CHAOS/PAS still computed")
