@@ -534,7 +534,7 @@ def donor_counts_path(donor: str) -> Path:
 
 @asset(
     key=E5_COUNTS, deps=[BASELINE, checkpoint_key("generic")], partitions_def=donors_partitions, group_name=GROUP,
-    pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="1", kinds={"pytorch", "cellpose"},
+    pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="2", kinds={"pytorch", "cellpose"},
     check_specs=[AssetCheckSpec(SKIPPED_CHECK, asset=E5_COUNTS, description="Warns when tiles of the donor were skipped (missing channel, unreadable TIFF)."),
                  _weights_spec(E5_COUNTS)],
     description="E5 full inference on every tile of one donor with the baseline and the fine-tuned model: cells and "

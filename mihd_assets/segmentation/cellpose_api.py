@@ -223,8 +223,10 @@ def segment(model: LoadedModel, images: Sequence[np.ndarray], settings: EvalSett
     for i, image in enumerate(images):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image {i}: expected a channel-first [3, H, W] array, got shape {image.shape}")
+    # cellpose normalizes its inputs in place: hand it copies so callers keep raw intensities
+    # (E5 measures marker intensity on the same arrays after segmentation).
     masks, _, _ = model.model.eval(
-        [np.asarray(im, dtype=np.float32) for im in images],
+        [np.array(im, dtype=np.float32, copy=True) for im in images],
         channel_axis=0,
         batch_size=settings.batch_size,
         flow_threshold=settings.flow_threshold,

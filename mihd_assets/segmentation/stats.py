@@ -219,8 +219,8 @@ def rowwise_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     ry = stats.rankdata(y, axis=1, nan_policy="omit")
     n = (~invalid).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rx = rx - np.nanmean(rx, axis=1, keepdims=True)
-        ry = ry - np.nanmean(ry, axis=1, keepdims=True)
+        rx = rx - (np.nansum(rx, axis=1) / n)[:, None]
+        ry = ry - (np.nansum(ry, axis=1) / n)[:, None]
         rho = np.nansum(rx * ry, axis=1) / np.sqrt(np.nansum(rx**2, axis=1) * np.nansum(ry**2, axis=1))
     rho[n < 3] = np.nan
     return rho

@@ -59,7 +59,9 @@ def test_train_counts_min_train_masks_drops_and_segment_shapes(tmp_path):
                        weight_decay=0.01, batch_size=2, min_train_masks=5, seed=0)
     assert result.dropped == [1] and result.n_images_used == 2 and result.n_images_given == 3
     assert (tmp_path / "out.pt").is_file() and result.sha256 != api.file_sha256(base)
-    masks = api.segment(api.load_model(tmp_path / "out.pt"), [d[0] for d in data[:2]])
+    images = [d[0].copy() for d in data[:2]]
+    masks = api.segment(api.load_model(tmp_path / "out.pt"), images)
+    np.testing.assert_array_equal(images[0], data[0][0])  # raw intensities survive cellpose's normalization
     assert [m.shape for m in masks] == [(64, 64), (64, 64)] and masks[0].dtype == np.int32
     with pytest.raises(ValueError, match="no training image has >= min_train_masks=5"):
         api.train(base, [data[1][0]], [data[1][1]], tmp_path / "none.pt", n_epochs=1, learning_rate=1e-3, weight_decay=0.0,
