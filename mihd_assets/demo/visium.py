@@ -34,7 +34,7 @@ from ..fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 LAYERS = ("Layer1", "Layer2", "Layer3", "Layer4", "Layer5", "Layer6", "WM")
 # Relative thickness of each layer across the cortical ribbon (L3 and WM are thick).
 LAYER_WIDTHS = np.array([0.08, 0.08, 0.18, 0.10, 0.15, 0.16, 0.25])
@@ -75,10 +75,15 @@ class DemoSlideSpec:
     hires_scalef: float = 0.2
     lowres_scalef: float = 0.06
     n_genes: int = 3500
-    mean_umi: float = 1500.0
+    mean_umi: float = 3000.0
     marker_fold: float = 3.0
     dispersion: float = 6.0  # negative-binomial size parameter
     unlabelled_fraction: float = 0.01
+    # Layer modules: beyond the named markers, each layer raises a block of anonymous genes a
+    # little (real DLPFC layers differ in hundreds of genes, not six), so the layers stand
+    # out of the noise of 3,000 scaled HVGs in PCA as they do on real slides.
+    module_genes_per_layer: int = 60
+    module_fold: float = 2.2
     # Smooth spatial programs: genes peaking at points along the ribbon, and at depths across it.
     n_along_programs: int = 16
     n_depth_programs: int = 8
@@ -179,8 +184,12 @@ def _counts(
                 for nb in (li - 1, li + 1):  # gradients across layer borders, as in real cortex
                     if 0 <= nb < len(LAYERS):
                         fold[nb, gi] = max(fold[nb, gi], 1.0 + (spec.marker_fold - 1.0) / 3.0)
-    profile = base[None, :] * fold[layer_idx]
     n_markers = sum(len(v) for v in LAYER_MARKERS.values())
+    first_module = n_markers + spec.n_along_programs + spec.n_depth_programs
+    for li in range(len(LAYERS)):
+        start = first_module + li * spec.module_genes_per_layer
+        fold[li, start : min(start + spec.module_genes_per_layer, spec.n_genes)] = spec.module_fold
+    profile = base[None, :] * fold[layer_idx]
     programs = slice(n_markers, n_markers + spec.n_along_programs + spec.n_depth_programs)
     profile[:, programs] = 0.0
     profile *= (1.0 - spec.program_share) / profile.sum(axis=1, keepdims=True)
