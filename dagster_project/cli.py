@@ -90,6 +90,9 @@ def cmd_materialize(args) -> int:
     job = defs.resolve_job_def(SLIDE_JOB_NAME)
     graph = defs.resolve_asset_graph()
     keys = set(job.asset_layer.executable_asset_keys)
+    only = getattr(args, "only", None)
+    if only:
+        keys = {k for k in keys if graph.get(k).group_name in only}
     level = "INFO" if args.verbose else "WARNING"
     failures = 0
     started_all = time.perf_counter()
@@ -124,7 +127,8 @@ def cmd_materialize(args) -> int:
             print(f"{prefix} FAILED after {seconds:.1f} s (run {result.run_id[:8]})", flush=True)
             for line in _step_errors(result):
                 print(f"    {line}", flush=True)
-    failures += _materialize_reports(instance, defs, graph, args, level)
+    if not only or "reports" in only:
+        failures += _materialize_reports(instance, defs, graph, args, level)
     print(f"materialize finished in {time.perf_counter() - started_all:.1f} s; {failures} slide(s) failed or blocked")
     return 1 if failures else 0
 
@@ -256,7 +260,7 @@ def cmd_demo(args) -> int:
         return 2
     started = time.perf_counter()
     cmd_demo_data(argparse.Namespace(slides=DEMO_SLIDES))
-    code = cmd_materialize(argparse.Namespace(partition=None, dry_run=False, verbose=args.verbose))
+    code = cmd_materialize(argparse.Namespace(partition=None, dry_run=False, verbose=args.verbose, only=None))
     from dagster_project.families import family_demos
 
     for name, run_demo in family_demos():
@@ -291,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partition", action="append", help="only this slide (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     p.add_argument("--verbose", action="store_true", help="show Dagster's INFO logs")
+    p.add_argument("--only", action="append", metavar="GROUP",
+                   help="only assets of this group (slides, embeddings, fusion, clustering, evaluation, reports); repeatable")
     p.set_defaults(fn=cmd_materialize)
     p = sub.add_parser("sql", help="run read-only SQL on the metrics database")
     p.add_argument("query", nargs="?")

@@ -73,14 +73,14 @@ def mixed_root(tiny_slides, tmp_path):
 
 def test_bad_partition_fails_alone_and_rows_stay(mixed_root, tmp_path):
     env = home_env(tmp_path / "home", mixed_root)
-    assert run_cli(["materialize"], env).returncode == 0
+    assert run_cli(["materialize", "--only", "slides"], env).returncode == 0
     with _db(env) as con:
         before = con.execute("SELECT * FROM slide_qc ORDER BY slide_id").fetchall()
 
     broken = mixed_root / "broken_slide"
     shutil.copytree(mixed_root / "demo_01", broken)
     (broken / "spatial" / "scalefactors_json.json").unlink()
-    result = run_cli(["materialize"], env)
+    result = run_cli(["materialize", "--only", "slides"], env)
     assert result.returncode == 1
     assert "broken_slide: FAILED" in result.stdout
     assert "slide 'broken_slide'" in result.stdout and "scalefactors_json.json: scale factors file is missing" in result.stdout
@@ -90,7 +90,7 @@ def test_bad_partition_fails_alone_and_rows_stay(mixed_root, tmp_path):
 
     # Re-materializing a partition after a code-independent input change replaces its rows.
     (mixed_root / "demo_02" / "metadata.tsv").touch()
-    result = run_cli(["materialize", "--partition", "demo_02"], env)
+    result = run_cli(["materialize", "--only", "slides", "--partition", "demo_02"], env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "input files changed" in result.stdout
     with _db(env) as con:
@@ -106,10 +106,10 @@ def test_failed_tissue_check_blocks_downstream(mixed_root, tmp_path):
     flat = np.full_like(tifffile.imread(tif), 235)
     tifffile.imwrite(tif, flat, tile=(256, 256), photometric="rgb")
     env = home_env(tmp_path / "home", mixed_root)
-    result = run_cli(["materialize"], env)
+    result = run_cli(["materialize", "--only", "slides"], env)
     assert result.returncode == 1
     assert "spots_on_tissue" in result.stdout or "FAILED" in result.stdout
     instance = _instance(env)
     assert instance.get_materialized_partitions(AssetKey(["slides", "preprocessed_slide_standard"])) == set()
-    again = run_cli(["materialize"], env)
+    again = run_cli(["materialize", "--only", "slides"], env)
     assert again.returncode == 1 and "blocked" in again.stdout and "fix the input files" in again.stdout
