@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The environment as the tests started: embedding R (rpy2, for mclust) later adds R's
+# LD_LIBRARY_PATH to os.environ, which breaks other programs' shared libraries (the
+# webserver's `ssl`). Subprocesses get this snapshot, as a user's shell would.
+BASE_ENV = dict(os.environ)
 SHARED_DATA = Path(os.environ.get("MIHD_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -33,7 +37,7 @@ def tiny_slides(tmp_path_factory) -> Path:
 
 def run_cli(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `mihd ...` in a fresh interpreter (Definitions read their paths from the environment)."""
-    full_env = {**os.environ, **env}
+    full_env = {**BASE_ENV, **env}
     return subprocess.run(
         [sys.executable, "-m", "dagster_project.cli", *args],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
