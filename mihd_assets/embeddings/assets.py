@@ -5,7 +5,6 @@ Each stores the raw embedding (SpotEmbedding .npz) with what produced it; the
 """
 
 import tempfile
-import time
 from pathlib import Path
 
 from dagster import (
@@ -21,6 +20,7 @@ from dagster import (
     asset,
 )
 
+from dagster_project.asset_helpers import run_record_metadata, throttled_log
 from dagster_project.k8s import GPU_POOL, gpu_op_tags
 from dagster_project.partitions import slides_partitions
 from mihd_assets.matrix import MATRIX
@@ -61,21 +61,9 @@ def _weights_spec(key: AssetKey) -> AssetCheckSpec:
     )
 
 
-def _as_metadata(record: dict) -> dict:
-    """The run record as Dagster metadata (nested values as JSON, missing values left out)."""
-    return {k: (MetadataValue.json(v) if isinstance(v, (dict, list, tuple)) else v) for k, v in record.items() if v is not None}
-
-
 def _progress(context, label: str):
-    last = [0.0]
-
-    def report(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - last[0] > 10 or done == total:
-            last[0] = now
-            context.log.info(f"{label}: {done}/{total} patches")
-
-    return report
+    log = throttled_log(context, label)
+    return lambda done, total: log(f"{done}/{total} patches", final=done == total)
 
 
 def _vision_factory(encoder: str, variant: str):
@@ -142,7 +130,7 @@ def _vision_factory(encoder: str, variant: str):
         yield Output(
             SpotEmbedding(result.embeddings, list(raw.obs_names), record),
             metadata={
-                **_as_metadata(record),
+                **run_record_metadata(record),
                 "dims": int(result.embeddings.shape[1]),
             },
         )
@@ -202,7 +190,7 @@ def _gene_factory(encoder: str):
         yield Output(
             SpotEmbedding(values, list(pre.obs_names), record),
             metadata={
-                **_as_metadata(record),
+                **run_record_metadata(record),
                 "dims": int(values.shape[1]),
             },
         )

@@ -314,3 +314,11 @@ def make_loader(
         pin_memory=pin_memory,
         **extra,
     )
+
+
+def patch_array(image_path: str | Path, spots_fullres: np.ndarray, scale: float, size: int) -> np.ndarray:
+    """Every spot's standard patch as one (n, 3, size, size) float32 array in [0, 1]
+    (unnormalized), through the same lazy reader and coordinate scaling as the encoders."""
+    dataset = SpotPatchDataset(image_path, spots_fullres, scale, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    loader = make_loader(dataset, batch_size=256, num_workers=0, pin_memory=False)
+    return torch.cat(list(loader)).numpy().astype(np.float32)

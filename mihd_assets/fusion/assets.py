@@ -23,6 +23,7 @@ from dagster import (
     asset,
 )
 
+from dagster_project.asset_helpers import run_record_metadata, throttled_log
 from dagster_project.k8s import GPU_POOL, gpu_op_tags
 from dagster_project.partitions import slides_partitions
 from mihd_assets.embeddings.assets import gene_key, vision_key
@@ -81,20 +82,12 @@ def clustering_key(representation: str, method: str) -> AssetKey:
 
 
 def _as_metadata(record: dict) -> dict:
-    return {k: (MetadataValue.json(v) if isinstance(v, (dict, list, tuple)) else v) for k, v in record.items()
-            if v is not None and k != "loss_history"}
+    return run_record_metadata(record, exclude=("loss_history",))
 
 
 def _progress(context, label: str):
-    last = [0.0]
-
-    def report(epoch: int, epochs: int, loss: float) -> None:
-        now = time.perf_counter()
-        if now - last[0] > 10 or epoch == epochs:
-            last[0] = now
-            context.log.info(f"{label}: epoch {epoch}/{epochs} loss {loss:.4f}")
-
-    return report
+    log = throttled_log(context, label)
+    return lambda epoch, epochs, loss: log(f"epoch {epoch}/{epochs} loss {loss:.4f}", final=epoch == epochs)
 
 
 def _aligned(reference: SpotEmbedding, other: SpotEmbedding, where: str) -> np.ndarray:
@@ -207,23 +200,10 @@ def representations() -> dict[str, tuple[AssetKey, str]]:
 
 
 def clustering_input(values: np.ndarray, kind: str, seed: int = 0) -> tuple[np.ndarray, str]:
-    """What the clustering method sees, and how it was derived (recorded).
+    from .clustering import prepare_for_clustering
 
-    Gene embeddings are used as stored (the textbook PCA -> mclust path), vision embeddings
-    are standardized (their one normalization), fusion outputs are used as produced; then
-    anything wider than ``max_cluster_dims`` is reduced to ``cluster_pcs`` PCs."""
-    from sklearn.decomposition import PCA
-
-    steps = []
-    x = np.asarray(values, dtype=np.float32)
-    if kind == "vision":
-        x = normalize.standardize(x)
-        steps.append("standardize")
-    if x.shape[1] > MATRIX.max_cluster_dims:
-        n_pcs = min(MATRIX.cluster_pcs, x.shape[0] - 1)
-        x = PCA(n_components=n_pcs, random_state=seed).fit_transform(x).astype(np.float32)
-        steps.append(f"pca{n_pcs} of {values.shape[1]} dims")
-    return x, " -> ".join(steps) or f"as stored ({x.shape[1]} dims)"
+    return prepare_for_clustering(values, standardize_first=kind == "vision", max_dims=MATRIX.max_cluster_dims,
+                                  n_pcs=MATRIX.cluster_pcs, seed=seed)
 
 
 def run_clustering(method: str, x: np.ndarray, n_clusters: int, resource: ClusteringResource, where: str,
@@ -366,17 +346,12 @@ def _image_only_factory(method: str, vision: str):
 
 
 def spot_patches(raw, slide_id: str, obs_names: list[str], size: int) -> np.ndarray:
-    """(n, 3, size, size) RGB patches in [0, 1] around each spot, from the slide's
-    highest-resolution image (same lazy reader and coordinate scaling as the encoders)."""
-    import torch
-
-    from mihd_assets.embeddings.patches import SpotPatchDataset, highest_resolution_image, make_loader
+    """(n, 3, size, size) RGB patches in [0, 1] from the slide's highest-resolution image."""
+    from mihd_assets.embeddings.patches import highest_resolution_image, patch_array
 
     info = raw.uns["spatial"][slide_id]
     _, path, scale = highest_resolution_image(dict(info["metadata"]["image_paths"]), dict(info["scalefactors"]))
-    dataset = SpotPatchDataset(path, _coords_for(raw, obs_names), scale, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    batches = [b for b in make_loader(dataset, batch_size=256, num_workers=0, pin_memory=False)]
-    return torch.cat(batches).numpy().astype(np.float32)
+    return patch_array(path, _coords_for(raw, obs_names), scale, size)
 
 
 fusion_embeddings = [_fusion_factory(m, g, v) for m in MATRIX.fusion_methods for g, v in MATRIX.fusion_inputs]

@@ -43,6 +43,30 @@ def validate_for_clustering(values: np.ndarray, n_clusters: int, where: str) -> 
     return x.astype(np.float64)
 
 
+def prepare_for_clustering(values: np.ndarray, standardize_first: bool, max_dims: int, n_pcs: int,
+                           seed: int = 0) -> tuple[np.ndarray, str]:
+    """What a clustering method sees, and how it was derived (to be recorded).
+
+    Gene embeddings are used as stored (the textbook PCA -> mclust path); vision embeddings
+    get their one standardization (``standardize_first``); fusion outputs are used as
+    produced. Anything wider than ``max_dims`` is reduced to ``n_pcs`` principal components
+    (mclust's EEE covariance is singular on ~1,000-d inputs)."""
+    from sklearn.decomposition import PCA
+
+    from . import normalize
+
+    steps = []
+    x = np.asarray(values, dtype=np.float32)
+    if standardize_first:
+        x = normalize.standardize(x)
+        steps.append("standardize")
+    if x.shape[1] > max_dims:
+        n = min(n_pcs, x.shape[0] - 1)
+        x = PCA(n_components=n, random_state=seed).fit_transform(x).astype(np.float32)
+        steps.append(f"pca{n} of {values.shape[1]} dims")
+    return x, " -> ".join(steps) or f"as stored ({x.shape[1]} dims)"
+
+
 def mclust_available() -> tuple[bool, str]:
     """Whether R, rpy2 and mclust can be used here, and why not."""
     try:

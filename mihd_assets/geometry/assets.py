@@ -25,7 +25,8 @@ from dagster import (
 )
 
 from dagster_project.k8s import GPU_POOL, gpu_op_tags
-from mihd_assets.embeddings.assets import _as_metadata, gene_key
+from dagster_project.asset_helpers import run_record_metadata
+from mihd_assets.embeddings.assets import gene_key
 from mihd_assets.fileio import atomic_write_text, file_sha256
 from mihd_assets.slides.assets import RAW_SLIDE, require_tissue_check
 from mihd_resources import ComputeResource, MetricsStore, settings
@@ -100,7 +101,7 @@ def geometry_training_set(context: AssetExecutionContext, store: GeometryStore, 
         "sigma_data": round(ts.sigma_data, 5),
         "dims": ts.dims,
         "n_labelled_spots": MetadataValue.json(n_labelled),
-        **_as_metadata(ts.info),
+        **run_record_metadata(ts.info),
         "profile": settings.profile(),
         "seconds": round(time.perf_counter() - started, 3),
     })
@@ -176,7 +177,7 @@ def geometry_checkpoint(context: AssetExecutionContext, config: CheckpointConfig
     }
     atomic_write_text(store.path(CHECKPOINT_RECORD), json.dumps({**record, "history": result.history}, indent=1))
     context.log.info(f"geometry checkpoint {record['checkpoint_id']} at step {result.step} ({result.resume_note})")
-    return MaterializeResult(metadata=_as_metadata(record))
+    return MaterializeResult(metadata=run_record_metadata(record))
 
 
 def _check_results(frame: pd.DataFrame) -> list[AssetCheckResult]:

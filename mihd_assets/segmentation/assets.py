@@ -25,6 +25,7 @@ from dagster import (
     asset,
 )
 
+from dagster_project.asset_helpers import throttled_log
 from dagster_project.k8s import GPU_POOL, gpu_op_tags
 from mihd_assets.fileio import atomic_write_bytes, atomic_write_text, file_sha256, tree_fingerprint
 from mihd_resources import ComputeResource, MetricsStore, settings
@@ -89,15 +90,7 @@ def _drops_spec(key: AssetKey) -> AssetCheckSpec:
 
 
 def _progress(context, label: str):
-    last = [0.0]
-
-    def report(message: str) -> None:
-        now = time.perf_counter()
-        if now - last[0] > 10:
-            last[0] = now
-            context.log.info(f"{label}: {message}")
-
-    return report
+    return throttled_log(context, label)
 
 
 # ---------------------------------------------------------------- E0
