@@ -21,12 +21,15 @@ from .sensors import slide_discovery_sensor
 
 all_assets = load_assets_from_modules([slide_assets, embedding_assets, fusion_assets, report_assets])
 
-slide_defs = Definitions(
-    assets=all_assets,
-    jobs=[build_slide_job(all_assets), build_report_job(all_assets)],
-    sensors=[slide_discovery_sensor],
-    schedules=[slide_backfill_schedule],
-    resources=build_resources(),
+# Dagster's module loader refuses a module with two Definitions objects at module scope,
+# so the slide pipeline's own Definitions is built inside the merge, never bound to a name.
+defs = Definitions.merge(
+    Definitions(
+        assets=all_assets,
+        jobs=[build_slide_job(all_assets), build_report_job(all_assets)],
+        sensors=[slide_discovery_sensor],
+        schedules=[slide_backfill_schedule],
+        resources=build_resources(),
+    ),
+    *family_definitions(),
 )
-
-defs = Definitions.merge(slide_defs, *family_definitions())

@@ -28,6 +28,22 @@ EXPECTED_ASSETS = {
 PER_SLIDE_GROUPS = {"slides", "embeddings"}
 
 
+def test_workspace_loads_as_the_webserver_loads_it():
+    """The webserver and daemon load ``workspace.yaml``; Dagster refuses a module with two
+    module-scope Definitions, and the UI then shows an empty graph. Validate it the real way."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    dagster = Path(sys.executable).with_name("dagster")
+    proc = subprocess.run(
+        [str(dagster), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_asset_keys_snapshot_and_documentation():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
