@@ -71,10 +71,10 @@ def mclust_available() -> tuple[bool, str]:
     """Whether R, rpy2 and mclust can be used here, and why not."""
     try:
         import rpy2.robjects as ro
-        from rpy2.robjects.packages import isinstalled
     except Exception as exc:  # rpy2 missing, or R's shared library not found
         return False, f"rpy2/R not usable ({type(exc).__name__}: {exc})"
-    if not isinstalled("mclust"):
+    # system.file instead of rpy2's isinstalled, which makes R warn about every empty library folder
+    if not ro.r('nzchar(system.file(package = "mclust"))')[0]:
         return False, f"R ({ro.r('R.version.string')[0]}) has no mclust package"
     return True, ""
 
@@ -90,7 +90,9 @@ def mclust_labels(values: np.ndarray, n_clusters: int, model_name: str = "EEE", 
     from rpy2.robjects import numpy2ri
     from rpy2.robjects.conversion import localconverter
 
-    ro.r("suppressPackageStartupMessages(library(mclust))")
+    # lib.loc = mclust's own library: R warns about every empty library folder on the path
+    # (Debian ships an empty /usr/local/lib/R/site-library), once per call otherwise.
+    ro.r('suppressPackageStartupMessages(library(mclust, lib.loc = dirname(find.package("mclust"))))')
     ro.r["set.seed"](seed)
     with localconverter(ro.default_converter + numpy2ri.converter):
         r_x = ro.conversion.get_conversion().py2rpy(x)

@@ -120,7 +120,7 @@ class CheckpointConfig(Config):
     group_name=GROUP,
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
-    code_version="1",
+    code_version="2",
     kinds={"pytorch"},
     description=(
         "Trained geometry model: ISAB set encoder, generator (direct V) and EDM-preconditioned FiLM denoiser. "
@@ -206,7 +206,7 @@ def _check_results(frame: pd.DataFrame) -> list[AssetCheckResult]:
     group_name=GROUP,
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
-    code_version="1",
+    code_version="2",
     kinds={"pytorch", "pandas"},
     check_specs=[
         AssetCheckSpec(BEATS_BASELINES, asset=EVALUATION_KEY,

@@ -41,6 +41,9 @@ class TrainConfig:
     # EDM training noise: ln sigma ~ N(p_mean, p_std^2) (Karras et al.)
     p_mean: float = -1.2
     p_std: float = 1.2
+    # Fraction of each batch on which the denoiser starts from the generator's estimate + noise
+    # (what refinement feeds it) instead of the target + noise; both predict the target.
+    refine_from_generator: float = 0.5
     # Loss weights: generator (Procrustes-aligned MSE, log-scale), denoiser (EDM), optional geometry.
     w_gen_align: float = 1.0
     w_gen_scale: float = 1.0

@@ -28,7 +28,7 @@ from .config import SIGMA_BINS, SIGMAS_PER_BIN, GeometryPlan, sigma_bin_label
 from .edm import heun_sample, karras_sigmas, sampler_range
 from .models import GeometryModel, canonical_frame, centre
 from .targets import GeometryInputError, GeometrySets, GeometryTrainingSet
-from .train import autocast, set_batch
+from .train import autocast, denoiser_target, set_batch
 
 
 def _check_k(n: int, k: int, what: str) -> None:
@@ -138,6 +138,9 @@ class Inference:
 
     @torch.no_grad()
     def denoise_once(self, context, v_init, target, mask, sigma: float, generator: torch.Generator) -> torch.Tensor:
+        # The denoiser works in the generator's frame (see train.denoiser_target); the metrics
+        # are rotation-invariant, so comparing with the unrotated target is unaffected.
+        target = denoiser_target(target, v_init, mask)
         x = target + sigma * self._noise(target.shape, mask, generator)
         sig = torch.full((target.shape[0],), sigma, device=self.device)
         return self._denoise(context, v_init, mask)(x, sig)

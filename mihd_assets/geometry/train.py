@@ -40,6 +40,11 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model it is loaded into; the message names the keys."""
 
 
+# What the losses are; a checkpoint trained under another objective is never resumed.
+# v2: the denoiser is trained in the generator's frame (``denoiser_target``).
+OBJECTIVE = "generator-procrustes+edm-denoiser-in-generator-frame-v2"
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -70,6 +75,12 @@ def autocast(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
+def denoiser_target(target: torch.Tensor, v_cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``target`` rotated/reflected onto the generator's (canonical) estimate ``v_cond``: the
+    frame the denoiser is trained and run in. Padded rows stay zero."""
+    return losses.procrustes_align(target, v_cond, mask).to(target.dtype) * mask.unsqueeze(-1)
+
+
 def compute_losses(model: GeometryModel, feats, target, mask, sigma_data: float, cfg: TrainConfig,
                    generator: torch.Generator, device, amp: bool) -> dict[str, torch.Tensor]:
     batch = feats.shape[0]
@@ -79,12 +90,26 @@ def compute_losses(model: GeometryModel, feats, target, mask, sigma_data: float,
     noise = centre(torch.randn(target.shape, generator=generator).to(device), mask) * sigma[:, None, None]
     with autocast(device, amp):
         context, v_gen = model(feats, mask)
-        denoised = model.denoiser(target + noise, sigma, context, model.refiner_condition(v_gen, mask), mask, sigma_data)
+    v_cond = model.refiner_condition(v_gen, mask)
+    # The refiner starts from the generator's estimate + noise, so it works in the generator's
+    # frame. The generator is trained up to rotation/reflection (Procrustes), and the canonical
+    # frames of an imperfect estimate and of its target can differ by a large rotation: train
+    # the denoiser on the target rotated into the generator's frame, or refinement blends two
+    # rotated copies of the geometry.
+    target_gen_frame = denoiser_target(target, v_cond, mask)
+    start = target_gen_frame
+    if cfg.refine_from_generator:
+        # Refinement feeds the denoiser the generator's estimate + noise, not the target + noise:
+        # on part of the batch it learns exactly that task (still predicting the target).
+        from_gen = (torch.rand(batch, generator=generator) < cfg.refine_from_generator).to(device)
+        start = torch.where(from_gen[:, None, None], v_cond.to(target.dtype), target_gen_frame)
+    with autocast(device, amp):
+        denoised = model.denoiser(start + noise, sigma, context, v_cond, mask, sigma_data)
     v_gen = v_gen.float()
     out = {
         "gen_align": losses.procrustes_mse(v_gen, target, mask),
         "gen_scale": losses.scale_loss(v_gen, target, mask),
-        "score": edm_loss(denoised.float(), target, sigma, mask, sigma_data),
+        "score": edm_loss(denoised.float(), target_gen_frame, sigma, mask, sigma_data),
     }
     if cfg.w_knn_nca:
         out["knn_nca"] = losses.knn_nca_loss(v_gen, target, mask, cfg.knn_k)
@@ -108,6 +133,8 @@ def _compatible(saved: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, fin
     """Why ``saved`` cannot be resumed (None when it can)."""
     if saved.get("architecture") != ARCHITECTURE:
         return f"architecture {saved.get('architecture')!r} is not {ARCHITECTURE!r}"
+    if saved.get("objective") != OBJECTIVE:
+        return f"training objective {saved.get('objective')!r} is not {OBJECTIVE!r}"
     if saved.get("model_config") != model_cfg.as_dict():
         return f"model config differs ({saved.get('model_config')} vs {model_cfg.as_dict()})"
     ours = {k: v for k, v in train_cfg.as_dict().items() if k not in RESUMABLE_CHANGES}
@@ -210,7 +237,7 @@ def train(
 
     def payload() -> dict:
         return {
-            "architecture": ARCHITECTURE, "model_config": model_cfg.as_dict(), "train_config": cfg.as_dict(),
+            "architecture": ARCHITECTURE, "objective": OBJECTIVE, "model_config": model_cfg.as_dict(), "train_config": cfg.as_dict(),
             "data_fingerprint": fingerprint, "sigma_data": sd, "dims": ts.dims, "step": step,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng_state": generator.get_state(),
             "history": history, "seconds": seconds_before + (time.perf_counter() - started), **(extra or {}),
