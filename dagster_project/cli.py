@@ -169,7 +169,14 @@ def cmd_sql(args) -> int:
     if not sql:
         print("give a query or --file", file=sys.stderr)
         return 2
-    frame = read_only_query(args.db or settings.duckdb_path(), sql)
+    import duckdb
+
+    database = args.db or settings.duckdb_path()
+    try:
+        frame = read_only_query(database, sql)
+    except duckdb.Error as exc:  # a wrong column, table or syntax: DuckDB's message is the answer
+        print(f"mihd sql: {type(exc).__name__} in {database}: {exc}", file=sys.stderr)
+        return 1
     if args.csv:
         frame.to_csv(sys.stdout, index=False)
     else:

@@ -60,7 +60,9 @@ def test_second_run_recomputes_nothing_and_sql_cli_reads(materialized_home):
     out = run_cli(["sql", "SELECT slide_id, n_spots FROM slide_qc_latest ORDER BY slide_id"], materialized_home)
     assert out.returncode == 0 and "demo_01" in out.stdout and "(2 rows)" in out.stdout
     refused = run_cli(["sql", "DROP TABLE slide_qc"], materialized_home)
-    assert refused.returncode != 0 and "read-only" in refused.stderr
+    assert refused.returncode != 0 and "read-only" in refused.stderr and "Traceback" not in refused.stderr
+    typo = run_cli(["sql", "SELECT slide_idd FROM slide_qc_latest"], materialized_home)
+    assert typo.returncode == 1 and "slide_idd" in typo.stderr and "Traceback" not in typo.stderr
 
 
 @pytest.fixture
