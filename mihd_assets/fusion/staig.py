@@ -57,21 +57,28 @@ def spatial_knn_edges(coords: np.ndarray, k: int) -> np.ndarray:
     return pairs[:, pairs[0] != pairs[1]]
 
 
-def edge_drop_probabilities(edges: np.ndarray, image_std: np.ndarray) -> np.ndarray:
-    """Per-edge drop probability: image distance / sum of the source spot's edge distances."""
-    dist = np.linalg.norm(image_std[edges[0]] - image_std[edges[1]], axis=1)
-    row_sum = np.bincount(edges[0], weights=dist, minlength=image_std.shape[0])
+def edge_drop_probabilities(edges: np.ndarray, image_pcs: np.ndarray) -> np.ndarray:
+    """Per-edge drop probability: image distance / sum of the source spot's edge distances
+    (STAIG's softmax of log-distances), distances between the image embedding's PCs."""
+    dist = np.linalg.norm(image_pcs[edges[0]] - image_pcs[edges[1]], axis=1)
+    row_sum = np.bincount(edges[0], weights=dist, minlength=image_pcs.shape[0])
     return np.clip(dist / np.maximum(row_sum[edges[0]], 1e-12), 0.0, 1.0)
 
 
-def image_pseudo_labels(image_std: np.ndarray, k: int, n_pcs: int, seed: int) -> np.ndarray:
-    from sklearn.cluster import KMeans
+def image_components(image_std: np.ndarray, n_pcs: int, seed: int) -> np.ndarray:
+    """The standardized image embedding's first ``n_pcs`` principal components: STAIG measures
+    both the edge-dropping distances and the pseudo-labels on these (16 in the published code)."""
     from sklearn.decomposition import PCA
 
     n_pcs = min(n_pcs, image_std.shape[1], image_std.shape[0])
-    pcs = PCA(n_components=n_pcs, random_state=seed).fit_transform(image_std)
-    k = min(k, image_std.shape[0])
-    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(pcs)
+    return PCA(n_components=n_pcs, random_state=seed).fit_transform(image_std)
+
+
+def image_pseudo_labels(image_pcs: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    k = min(k, image_pcs.shape[0])
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(image_pcs)
 
 
 def debiased_neighbor_contrastive_loss(z1, z2, adjacency, same_pseudo, tau: float):
@@ -132,8 +139,9 @@ def staig_fusion(
 
     image_std = normalize.standardize(image_embedding_raw)
     edges = spatial_knn_edges(np.asarray(coords, dtype=np.float64), config.n_neighbors)
-    drop_p = edge_drop_probabilities(edges, image_std)
-    pseudo = image_pseudo_labels(image_std, config.pseudo_label_k, config.pseudo_label_pcs, config.seed)
+    image_pcs = image_components(image_std, config.pseudo_label_pcs, config.seed)
+    drop_p = edge_drop_probabilities(edges, image_pcs)
+    pseudo = image_pseudo_labels(image_pcs, config.pseudo_label_k, config.seed)
 
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)

@@ -219,7 +219,7 @@ def _fine_tune_factory(model: str):
             "marker_only": "all training images with the DAPI channel zeroed (no DAPI)"}[model]
 
     @asset(
-        key=key, deps=[E0_SET, BASELINE], group_name=GROUP, pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="1",
+        key=key, deps=[E0_SET, BASELINE], group_name=GROUP, pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="2",
         kinds={"pytorch", "cellpose"}, check_specs=[_weights_spec(key), _drops_spec(key)],
         description=f"E1 `{model}` checkpoint: the baseline fine-tuned with cellpose.train.train_seg on {what}; "
         "the state dict is stored atomically and min_train_masks drops are counted.",
@@ -348,7 +348,7 @@ E2_RUNS = seg_key("e2_budget_runs")
 
 
 @asset(
-    key=E2_RUNS, deps=[E0_SET, BASELINE], group_name=GROUP, pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="1",
+    key=E2_RUNS, deps=[E0_SET, BASELINE], group_name=GROUP, pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="2",
     kinds={"pytorch", "cellpose"}, check_specs=[_weights_spec(E2_RUNS), _drops_spec(E2_RUNS)],
     description="E2 label efficiency: the baseline fine-tuned on budgets of 2, 5, 10, 20, 30 training images "
     "(a seed picks each subset), each scored on the test set; checkpoints and scores stored per run.",
@@ -673,7 +673,7 @@ REPORT = seg_key("segmentation_report")
     key=REPORT,
     deps=[seg_key("e1_segmentation_metrics"), seg_key("e2_budget_metrics"), seg_key("e3_gating_metrics"),
           seg_key(f"{E4_NAME}_metrics"), E5_STATS, seg_key("e5_tile_counts_metrics")],
-    group_name=GROUP, pool=DUCKDB_WRITER_POOL, code_version="1", kinds={"python", "plotly"},
+    group_name=GROUP, pool=DUCKDB_WRITER_POOL, code_version="2", kinds={"python", "plotly"},
     description="Manuscript-ready E1-E5 summary (markdown + offline HTML with the E2 budget curve and the E5 forest "
     "plot) built only from the DuckDB views; reading shares the DuckDB writer pool because DuckDB locks the file per process.",
 )
