@@ -55,6 +55,41 @@ def test_debiased_loss_ignores_same_pseudo_label_negatives_and_is_stable():
     assert torch.isfinite(huge)
 
 
+def _dense_loss(z1, z2, adjacency, same_pseudo, tau):
+    """The loss written out densely, term by term (the definition the sparse version must match)."""
+    def one_direction(a, b):
+        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+        intra, inter = (a @ a.T) / tau, (a @ b.T) / tau
+        eye = torch.eye(a.shape[0], dtype=torch.bool)
+        pos_intra, pos_inter, neg = adjacency & ~eye, adjacency | eye, ~same_pseudo
+        e_intra, e_inter = intra.double().exp(), inter.double().exp()
+        pos = (e_intra * pos_intra).sum(1) + (e_inter * pos_inter).sum(1)
+        n_pos = pos_intra.sum(1) + pos_inter.sum(1)
+        everything = (e_intra * (pos_intra | neg)).sum(1) + (e_inter * (pos_inter | neg)).sum(1)
+        return -torch.log(pos / n_pos / everything)
+    return (0.5 * (one_direction(z1, z2) + one_direction(z2, z1))).mean()
+
+
+def test_sparse_loss_and_gradients_match_the_dense_definition():
+    torch.manual_seed(1)
+    n = 40
+    z1 = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    edges = staig.spatial_knn_edges(np.random.default_rng(0).uniform(size=(n, 2)), k=5)
+    adj = torch.zeros(n, n, dtype=torch.bool)
+    adj[edges[0], edges[1]] = True
+    labels = torch.randint(0, 6, (n,))
+    same = labels[:, None] == labels[None, :]
+    for tau in (0.5, 35.0):
+        fast = staig.debiased_neighbor_contrastive_loss(z1, z2, adj, same, tau)
+        slow = _dense_loss(z1, z2, adj, same, tau)
+        g_fast = torch.autograd.grad(fast, (z1, z2))
+        g_slow = torch.autograd.grad(slow, (z1, z2))
+        torch.testing.assert_close(fast, slow)
+        for a, b in zip(g_fast, g_slow):
+            torch.testing.assert_close(a, b)
+
+
 def test_staig_learns_layers_and_standardizes_the_image_once(monkeypatch):
     xy, layer, hvg, image = layered_slide()
     calls = []
