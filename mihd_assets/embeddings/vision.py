@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..fileio import file_sha256
+from ..state_dicts import state_dict_mismatch
 from .patches import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -177,30 +178,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _first(items: list[str], n: int = 5) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
-
-
 def load_weights(model: torch.nn.Module, path: str | Path, label: str) -> None:
     """Load a local state dict with ``strict=True``; a mismatch names the file and keys."""
     state = load_state_dict_file(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys ({_first(missing)})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
-        if shapes:
-            problems.append(f"{len(shapes)} shape mismatches ({_first(shapes, 3)})")
+    problems = state_dict_mismatch(model.state_dict(), state)
+    if problems:
         raise EncoderWeightsError(f"{path}: state dict does not fit {label}: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
 

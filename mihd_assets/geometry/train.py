@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_path
+from ..state_dicts import state_dict_mismatch
 from . import losses
 from .config import TrainConfig
 from .edm import edm_loss, sample_sigma
@@ -163,21 +164,8 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
     """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error naming them."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches {shapes[:8]}{' ...' if len(shapes) > 8 else ''}")
+    parts = state_dict_mismatch(model.state_dict(), state)
+    if parts:
         raise CheckpointMismatchError(f"checkpoint {source} does not fit this geometry model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 

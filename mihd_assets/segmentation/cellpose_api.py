@@ -37,6 +37,7 @@ from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
 from ..fileio import atomic_path, file_sha256
+from ..state_dicts import state_dict_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +197,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     # bfloat16 is cellpose's default on GPUs; on CPU float32 is both faster and exact.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     net = _build_network(config, torch.float32)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CellposeWeightsError(f"{path}: state dict does not match the {config.name} CPSAM network: {err}") from err
+    problems = state_dict_mismatch(net.state_dict(), state)
+    if problems:
+        raise CellposeWeightsError(f"{path}: state dict does not match the {config.name} CPSAM network: "
+                                   + "; ".join(problems))
+    net.load_state_dict(state, strict=True)
     net = net.to(device)
     if dtype != torch.float32:
         net.dtype = dtype

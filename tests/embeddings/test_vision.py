@@ -109,7 +109,7 @@ def test_shape_mismatch_is_reported(tmp_path):
     uni, _ = build_encoder("uni", tiny=True)  # 224 px: 197 position embeddings
     path = tmp_path / "uni_tiny.pth"
     torch.save(uni.state_dict(), path)
-    with pytest.raises(EncoderWeightsError, match=r"shape mismatches \(pos_embed: file \(1, 197, 64\) vs model \(1, 257, 64\)"):
+    with pytest.raises(EncoderWeightsError, match=r"shape mismatches \['pos_embed: checkpoint \(1, 197, 64\) vs model \(1, 257, 64\)"):
         build_encoder("hipt", weights_path=path, tiny=True)  # 256 px: 257
 
 

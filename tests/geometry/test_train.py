@@ -150,7 +150,7 @@ def test_checkpoint_of_another_architecture_fails_naming_the_keys(small_training
     train(small_training_set, MODEL, replace(CFG, steps=5), ckpt, "fp", log=_quiet)
     state = read_checkpoint(ckpt)["model"]
     wider = GeometryModel(replace(MODEL, width=48))
-    with pytest.raises(CheckpointMismatchError, match=r"c\.pt does not fit.*shape mismatches \['context\.blocks"):
+    with pytest.raises(CheckpointMismatchError, match=r"c\.pt does not fit.*shape mismatches \['context\.embed\.0\.weight: checkpoint \(32, 8\) vs model \(48, 8\)"):
         load_state_strict(wider, state, str(ckpt))
     deeper = GeometryModel(replace(MODEL, denoiser_blocks=2))
     with pytest.raises(CheckpointMismatchError, match=r"missing keys \['denoiser\.blocks\.1\."):
