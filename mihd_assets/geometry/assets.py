@@ -120,7 +120,7 @@ class CheckpointConfig(Config):
     group_name=GROUP,
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
-    code_version="2",
+    code_version="3",
     kinds={"pytorch"},
     description=(
         "Trained geometry model: ISAB set encoder, generator (direct V) and EDM-preconditioned FiLM denoiser. "
@@ -167,6 +167,7 @@ def geometry_checkpoint(context: AssetExecutionContext, config: CheckpointConfig
         "resume_note": result.resume_note,
         "losses": result.last_losses,
         "sigma_data": round(ts.sigma_data, 5),
+        "sigma_gen": None if result.sigma_gen is None else round(result.sigma_gen, 5),
         "size": size.name,
         "n_parameters": sum(p.numel() for p in GeometryModel(model_cfg).parameters()),
         "device": str(device),
@@ -206,7 +207,7 @@ def _check_results(frame: pd.DataFrame) -> list[AssetCheckResult]:
     group_name=GROUP,
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
-    code_version="2",
+    code_version="3",
     kinds={"pytorch", "pandas"},
     check_specs=[
         AssetCheckSpec(BEATS_BASELINES, asset=EVALUATION_KEY,
@@ -226,14 +227,20 @@ def _check_results(frame: pd.DataFrame) -> list[AssetCheckResult]:
 def geometry_evaluation(context: AssetExecutionContext, compute: ComputeResource, store: GeometryStore) -> MaterializeResult:
     from .evaluate import evaluate
     from .targets import GeometryTrainingSet
-    from .train import load_model
+    from .train import CheckpointMismatchError, load_model
 
     ckpt = store.existing(CHECKPOINT, "geometry_checkpoint")
     ts = GeometryTrainingSet.load(store.existing(TRAINING_SET, "geometry_training_set"))
     device = compute.torch_device()
     model, saved = load_model(ckpt, device)
     started = time.perf_counter()
-    frame = evaluate(model, ts, PLAN, device, amp=compute.use_amp(), batch_size=compute.batch_size, log=context.log.info)
+    if saved.get("sigma_gen") is None:
+        raise CheckpointMismatchError(
+            f"geometry checkpoint {ckpt} has no sigma_gen (the generator's error that sets refinement's "
+            "noise levels): it predates noise-matched training; rematerialize geometry_checkpoint"
+        )
+    frame = evaluate(model, ts, PLAN, device, amp=compute.use_amp(), batch_size=compute.batch_size,
+                     log=context.log.info, sigma_gen=float(saved["sigma_gen"]))
     frame.insert(0, "checkpoint_id", file_sha256(ckpt)[:16])
     frame.insert(1, "step", int(saved["step"]))
     frame["sigma_data"] = ts.sigma_data
@@ -246,6 +253,10 @@ def geometry_evaluation(context: AssetExecutionContext, compute: ComputeResource
             "path": str(path),
             "checkpoint_id": str(frame["checkpoint_id"].iloc[0]),
             "step": int(saved["step"]),
+            "sigma_gen": round(float(saved["sigma_gen"]), 5),
+            "refine_schedule": MetadataValue.json({
+                "sigma_refine": round(PLAN.sigma_refine_factor * ts.sigma_data, 5), "steps": PLAN.refine_steps,
+                "stop": round(max(PLAN.sigma_min_factor * ts.sigma_data, PLAN.refine_stop_factor * float(saved["sigma_gen"])), 5)}),
             "heldout_slides": MetadataValue.json(ts.slide_ids("heldout")),
             "summary": MetadataValue.md(summary.round(4).to_markdown()),
             "device": str(device),

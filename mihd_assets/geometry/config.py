@@ -41,9 +41,13 @@ class TrainConfig:
     # EDM training noise: ln sigma ~ N(p_mean, p_std^2) (Karras et al.)
     p_mean: float = -1.2
     p_std: float = 1.2
-    # Fraction of each batch on which the denoiser starts from the generator's estimate + noise
-    # (what refinement feeds it) instead of the target + noise; both predict the target.
-    refine_from_generator: float = 0.5
+    # Noise matching (SDEdit-style): the generator's estimate counts as the target plus noise of
+    # the generator's own RMS error sigma_gen (an average over training batches, momentum below,
+    # kept in the checkpoint). Noise levels above sigma_gen are trained from the estimate plus
+    # sqrt(sigma^2 - sigma_gen^2) of fresh noise, which is what refinement feeds the denoiser;
+    # levels below it from the target plus noise, as in plain EDM. Both predict the target.
+    generator_noise_matching: bool = True
+    sigma_gen_momentum: float = 0.98
     # Loss weights: generator (Procrustes-aligned MSE, log-scale), denoiser (EDM), optional geometry.
     w_gen_align: float = 1.0
     w_gen_scale: float = 1.0
@@ -92,9 +96,14 @@ class GeometryPlan:
     pca_components: int = 32
     seed: int = 0
     knn_k: int = 10
-    # Inference: generator -> noise at sigma_refine_factor x sigma_data -> a few Heun steps.
+    # Inference: generator -> noise at sigma_refine_factor x sigma_data -> a few Heun steps. With
+    # the generator's error sigma_gen the noisy estimate sits at sqrt(sigma_refine^2 + sigma_gen^2),
+    # where the steps start; they stop at refine_stop_factor x sigma_gen (the final step to 0 is
+    # the denoiser's estimate there). Below the generator's error the denoiser can only invent
+    # detail the expression does not determine (benchmarks/RESULTS.md, "Refinement schedule").
     sigma_refine_factor: float = 1.5
     refine_steps: int = 4
+    refine_stop_factor: float = 2.0
     # Full sampler (diagnostic), range in units of sigma_data (Karras: 0.002..80 at sigma_data 0.5).
     sampler_steps: int = 18
     sigma_min_factor: float = 0.004

@@ -8,7 +8,7 @@ Every method is scored on the same held-out sets with the same metrics:
 * ``trustworthiness``: sklearn's trustworthiness at k (are predicted neighbours true ones).
 
 Methods: ``generator``; ``refined`` (generator -> noise at sigma_refine -> a few Heun
-steps); ``full_sampler`` (Heun from sigma_max: diagnostic); ``denoiser`` one step from the
+steps from sqrt(sigma_refine^2 + sigma_gen^2) down to refine_stop_factor x sigma_gen); ``full_sampler`` (Heun from sigma_max: diagnostic); ``denoiser`` one step from the
 noised target, per sigma bin (seed 003's per-sigma scale table); baselines
 ``random`` (Gaussian coordinates at the training scale) and ``expression_spectral``
 (spectral embedding of the set's expression kNN graph, rescaled to the training scale).
@@ -17,6 +17,7 @@ The baselines' scale comes from the training targets, never from the held-out ta
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -107,6 +108,7 @@ class Inference:
     sigma_data: float
     device: torch.device
     amp: bool = False
+    sigma_gen: float = 0.0  # the generator's RMS error (train.TrainConfig.generator_noise_matching)
 
     def _denoise(self, context, v_init, mask):
         def fn(x, sigma):
@@ -124,11 +126,17 @@ class Inference:
         return context.float(), canonical_frame(v, mask)
 
     @torch.no_grad()
-    def refine(self, context, v_init, mask, sigma_refine: float, steps: int, sigma_min: float,
+    def refine_schedule(self, sigma_refine: float, steps: int, sigma_stop: float) -> torch.Tensor:
+        """Noise levels of refinement: the noisy estimate carries the added noise and the
+        generator's own error, sqrt(sigma_refine^2 + sigma_gen^2); the steps end at sigma_stop."""
+        start = math.hypot(sigma_refine, self.sigma_gen)
+        return karras_sigmas(steps, min(sigma_stop, start), start)
+
+    @torch.no_grad()
+    def refine(self, context, v_init, mask, sigma_refine: float, steps: int, sigma_stop: float,
                generator: torch.Generator) -> torch.Tensor:
         x = v_init + sigma_refine * self._noise(v_init.shape, mask, generator)
-        sigmas = karras_sigmas(steps, min(sigma_min, sigma_refine), sigma_refine)
-        return heun_sample(self._denoise(context, v_init, mask), x, sigmas)
+        return heun_sample(self._denoise(context, v_init, mask), x, self.refine_schedule(sigma_refine, steps, sigma_stop))
 
     @torch.no_grad()
     def full_sample(self, context, v_init, mask, sigma_min: float, sigma_max: float, steps: int,
@@ -160,15 +168,18 @@ def _aggregate(rows: list[dict]) -> pd.DataFrame:
 
 
 def evaluate(model: GeometryModel, ts: GeometryTrainingSet, plan: GeometryPlan, device, amp: bool = False,
-             batch_size: int = 16, log=print) -> pd.DataFrame:
-    """Metrics of every method on every held-out set, averaged per (slide, method, sigma bin)."""
+             batch_size: int = 16, log=print, sigma_gen: float = 0.0) -> pd.DataFrame:
+    """Metrics of every method on every held-out set, averaged per (slide, method, sigma bin).
+
+    ``sigma_gen`` is the generator's RMS error stored in the checkpoint (refinement's schedule)."""
     device = torch.device(device)
     model = model.to(device).eval()
     sd, k, dims = ts.sigma_data, plan.knn_k, ts.dims
     rms_target = sd * np.sqrt(dims)  # mean RMS radius of the *training* targets
     sigma_min, sigma_max = sampler_range(sd, plan.sigma_min_factor, plan.sigma_max_factor)
     sigma_refine = plan.sigma_refine_factor * sd
-    inf = Inference(model, sd, device, amp)
+    sigma_stop = max(sigma_min, plan.refine_stop_factor * sigma_gen)
+    inf = Inference(model, sd, device, amp, sigma_gen)
     generator = torch.Generator().manual_seed(plan.seed)
     rng = np.random.default_rng(plan.seed)
     sets: GeometrySets = ts.heldout
@@ -185,7 +196,7 @@ def evaluate(model: GeometryModel, ts: GeometryTrainingSet, plan: GeometryPlan, 
         context, v_gen = inf.generate(feats, mask)
         outputs: dict[tuple, torch.Tensor] = {
             ("generator", None, None, None): v_gen,
-            ("refined", None, None, sigma_refine): inf.refine(context, v_gen, mask, sigma_refine, plan.refine_steps, sigma_min, generator),
+            ("refined", None, None, sigma_refine): inf.refine(context, v_gen, mask, sigma_refine, plan.refine_steps, sigma_stop, generator),
             ("full_sampler", None, None, sigma_max): inf.full_sample(context, v_gen, mask, sigma_min, sigma_max, plan.sampler_steps, generator),
         }
         for (lo, hi), sigmas in zip(SIGMA_BINS, SIGMAS_PER_BIN):

@@ -43,7 +43,8 @@ class CheckpointMismatchError(ValueError):
 
 # What the losses are; a checkpoint trained under another objective is never resumed.
 # v2: the denoiser is trained in the generator's frame (``denoiser_target``).
-OBJECTIVE = "generator-procrustes+edm-denoiser-in-generator-frame-v2"
+# v3: noise matching: above the generator's error sigma_gen the denoiser starts from its estimate.
+OBJECTIVE = "generator-procrustes+edm-denoiser-in-generator-frame-noise-matched-v3"
 
 
 @dataclass
@@ -54,6 +55,7 @@ class TrainResult:
     seconds: float
     last_losses: dict
     history: list[dict] = field(default_factory=list)
+    sigma_gen: float | None = None  # the generator's RMS error the refiner is matched to
 
 
 def set_batch(ts: GeometryTrainingSet, sets: GeometrySets, rows: np.ndarray, device) -> tuple[torch.Tensor, ...]:
@@ -82,13 +84,22 @@ def denoiser_target(target: torch.Tensor, v_cond: torch.Tensor, mask: torch.Tens
     return losses.procrustes_align(target, v_cond, mask).to(target.dtype) * mask.unsqueeze(-1)
 
 
+def generator_error(v_cond: torch.Tensor, target_gen_frame: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per set, the RMS per-coordinate error of the generator's estimate (both in its frame)."""
+    m = mask.unsqueeze(-1).to(v_cond.dtype)
+    sq = (((v_cond - target_gen_frame) ** 2) * m).sum(dim=(1, 2)) / (m.sum(dim=(1, 2)) * v_cond.shape[-1])
+    return sq.sqrt()
+
+
 def compute_losses(model: GeometryModel, feats, target, mask, sigma_data: float, cfg: TrainConfig,
-                   generator: torch.Generator, device, amp: bool) -> dict[str, torch.Tensor]:
+                   generator: torch.Generator, device, amp: bool, sigma_gen: float | None = None) -> dict[str, torch.Tensor]:
+    """The weighted losses (``total``) and, unweighted, ``gen_error``: this batch's mean RMS error of
+    the generator, from which the training loop keeps sigma_gen (None: use this batch's)."""
     batch = feats.shape[0]
     if cfg.feature_noise:
         feats = feats + cfg.feature_noise * torch.randn(feats.shape, generator=generator).to(device) * mask.unsqueeze(-1)
     sigma = sample_sigma(batch, cfg.p_mean, cfg.p_std, generator, device)
-    noise = centre(torch.randn(target.shape, generator=generator).to(device), mask) * sigma[:, None, None]
+    noise = centre(torch.randn(target.shape, generator=generator).to(device), mask)
     with autocast(device, amp):
         context, v_gen = model(feats, mask)
     v_cond = model.refiner_condition(v_gen, mask)
@@ -98,14 +109,17 @@ def compute_losses(model: GeometryModel, feats, target, mask, sigma_data: float,
     # the denoiser on the target rotated into the generator's frame, or refinement blends two
     # rotated copies of the geometry.
     target_gen_frame = denoiser_target(target, v_cond, mask)
-    start = target_gen_frame
-    if cfg.refine_from_generator:
-        # Refinement feeds the denoiser the generator's estimate + noise, not the target + noise:
-        # on part of the batch it learns exactly that task (still predicting the target).
-        from_gen = (torch.rand(batch, generator=generator) < cfg.refine_from_generator).to(device)
-        start = torch.where(from_gen[:, None, None], v_cond.to(target.dtype), target_gen_frame)
+    gen_error = generator_error(v_cond, target_gen_frame, mask).mean().detach()
+    start = target_gen_frame + sigma[:, None, None] * noise
+    if cfg.generator_noise_matching:
+        # The estimate is the target plus noise of about sigma_gen: at every level above that it
+        # stands in for the target, topped up with fresh noise to the sampled level.
+        s_gen = float(gen_error) if sigma_gen is None else sigma_gen
+        from_gen = sigma > s_gen
+        top_up = torch.sqrt((sigma**2 - s_gen**2).clamp_min(0.0))
+        start = torch.where(from_gen[:, None, None], v_cond.to(target.dtype) + top_up[:, None, None] * noise, start)
     with autocast(device, amp):
-        denoised = model.denoiser(start + noise, sigma, context, v_cond, mask, sigma_data)
+        denoised = model.denoiser(start, sigma, context, v_cond, mask, sigma_data)
     v_gen = v_gen.float()
     out = {
         "gen_align": losses.procrustes_mse(v_gen, target, mask),
@@ -119,6 +133,7 @@ def compute_losses(model: GeometryModel, feats, target, mask, sigma_data: float,
     weights = {"gen_align": cfg.w_gen_align, "gen_scale": cfg.w_gen_scale, "score": cfg.w_score,
                "knn_nca": cfg.w_knn_nca, "edge": cfg.w_edge}
     out["total"] = sum(weights[k] * v for k, v in out.items())
+    out["gen_error"] = gen_error
     return out
 
 
@@ -204,6 +219,7 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     step, history, seconds_before, note = 0, [], 0.0, "no checkpoint found: fresh start"
+    sigma_gen: float | None = None  # running mean of the generator's RMS error (noise matching)
 
     if checkpoint_path.is_file():
         saved = read_checkpoint(checkpoint_path)
@@ -213,6 +229,7 @@ def train(
             optimizer.load_state_dict(saved["optimizer"])
             generator.set_state(saved["rng_state"])
             step, history = int(saved["step"]), list(saved["history"])
+            sigma_gen = saved.get("sigma_gen")
             seconds_before = float(saved.get("seconds", 0.0))
             note = f"resumed from step {step}"
         else:
@@ -226,7 +243,7 @@ def train(
     def payload() -> dict:
         return {
             "architecture": ARCHITECTURE, "objective": OBJECTIVE, "model_config": model_cfg.as_dict(), "train_config": cfg.as_dict(),
-            "data_fingerprint": fingerprint, "sigma_data": sd, "dims": ts.dims, "step": step,
+            "data_fingerprint": fingerprint, "sigma_data": sd, "sigma_gen": sigma_gen, "dims": ts.dims, "step": step,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng_state": generator.get_state(),
             "history": history, "seconds": seconds_before + (time.perf_counter() - started), **(extra or {}),
         }
@@ -239,8 +256,11 @@ def train(
         feats, target, mask = set_batch(ts, train_sets, rows, device)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        parts = compute_losses(model, feats, target, mask, sd, cfg, generator, device, amp)
+        parts = compute_losses(model, feats, target, mask, sd, cfg, generator, device, amp, sigma_gen)
         values = {k: float(v.detach()) for k, v in parts.items()}
+        if math.isfinite(values["gen_error"]):
+            sigma_gen = values["gen_error"] if sigma_gen is None else (
+                cfg.sigma_gen_momentum * sigma_gen + (1 - cfg.sigma_gen_momentum) * values["gen_error"])
         if not all(math.isfinite(v) for v in values.values()):
             kept = f"last good checkpoint {checkpoint_path} is kept" if checkpoint_path.is_file() else "no checkpoint was written yet"
             raise NonFiniteLossError(
@@ -258,4 +278,4 @@ def train(
             log(f"geometry step {step}/{cfg.steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint(checkpoint_path, payload())
-    return TrainResult(step, resumed_from, note, seconds_before + time.perf_counter() - started, last, history)
+    return TrainResult(step, resumed_from, note, seconds_before + time.perf_counter() - started, last, history, sigma_gen)

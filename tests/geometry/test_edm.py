@@ -65,3 +65,19 @@ def test_heun_on_gaussian_data_keeps_the_scale():
     x = 20.0 * torch.randn(4000, 1, 2, generator=torch.Generator().manual_seed(0))
     out = heun_sample(lambda x_, s_: x_ * sd**2 / (s_[:, None, None] ** 2 + sd**2), x, karras_sigmas(40, 0.002, 20.0))
     assert out.std().item() == pytest.approx(sd, rel=0.05)
+
+
+def test_refinement_schedule_starts_at_the_matched_noise_level_and_stops_at_sigma_stop():
+    """The noisy estimate carries sigma_refine of added noise and sigma_gen of the generator's own
+    error: the steps start at their root-sum-square and end at sigma_stop, then 0."""
+    import math
+
+    from mihd_assets.geometry.evaluate import Inference
+
+    inf = Inference(model=None, sigma_data=0.7, device=torch.device("cpu"), sigma_gen=0.2)
+    sched = inf.refine_schedule(sigma_refine=1.05, steps=4, sigma_stop=0.4)
+    assert sched[0].item() == pytest.approx(math.hypot(1.05, 0.2))
+    assert sched[-2].item() == pytest.approx(0.4) and sched[-1].item() == 0.0 and len(sched) == 5
+    assert torch.all(sched[:-1][1:] < sched[:-1][:-1])
+    # a stop above the start collapses to a single step from the start
+    assert inf.refine_schedule(0.1, 4, 5.0)[-2].item() == pytest.approx(math.hypot(0.1, 0.2))

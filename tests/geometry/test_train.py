@@ -64,6 +64,41 @@ def test_training_lowers_the_losses(small_training_set, tmp_path):
     saved = read_checkpoint(tmp_path / "c.pt")
     assert saved["step"] == 200 and saved["sigma_data"] == pytest.approx(small_training_set.sigma_data)
     assert {"model", "optimizer", "rng_state", "model_config", "train_config"} <= set(saved)
+    # sigma_gen follows the generator's RMS error as it trains (a running mean over the last
+    # batches, which carry feature noise): below the untrained error, not below the clean one
+    assert saved["sigma_gen"] == pytest.approx(result.sigma_gen)
+    assert after["gen_error"] < saved["sigma_gen"] < 0.8 * before["gen_error"], (saved["sigma_gen"], before, after)
+
+
+def test_noise_matching_starts_the_denoiser_from_the_estimate_above_sigma_gen(small_training_set, monkeypatch):
+    """Sets whose sigma exceeds sigma_gen get the generator's estimate topped up to sigma; the others
+    the target plus sigma of noise."""
+    torch.manual_seed(0)
+    model = GeometryModel(MODEL).eval()
+    rows = np.arange(16)
+    feats, target, mask = set_batch(small_training_set, small_training_set.train, rows, "cpu")
+    seen = {}
+    original = model.denoiser.forward
+
+    def spy(x, sigma, context, v_init, mask_, sigma_data):
+        seen.update(x=x.detach(), sigma=sigma.detach(), v_init=v_init.detach())
+        return original(x, sigma, context, v_init, mask_, sigma_data)
+
+    monkeypatch.setattr(model.denoiser, "forward", spy)
+    sigma_gen = 0.3
+    with torch.no_grad():
+        compute_losses(model, feats, target, mask, small_training_set.sigma_data, replace(CFG, feature_noise=0.0),
+                       torch.Generator().manual_seed(5), torch.device("cpu"), False, sigma_gen=sigma_gen)
+    m = mask.unsqueeze(-1).float()
+    rms_from_estimate = ((((seen["x"] - seen["v_init"]) ** 2) * m).sum((1, 2)) / (m.sum((1, 2)) * 2)).sqrt()
+    high = seen["sigma"] > sigma_gen
+    assert high.any() and (~high).any()
+    expected = torch.sqrt(seen["sigma"] ** 2 - sigma_gen**2)[high]
+    assert torch.allclose(rms_from_estimate[high], expected, rtol=0.35), (rms_from_estimate[high], expected)
+    # below sigma_gen the start is the target (in the estimate's frame), not the estimate
+    target_frame = train_mod.denoiser_target(target, seen["v_init"], mask)
+    rms_from_target = ((((seen["x"] - target_frame) ** 2) * m).sum((1, 2)) / (m.sum((1, 2)) * 2)).sqrt()
+    assert torch.allclose(rms_from_target[~high], seen["sigma"][~high], rtol=0.35)
 
 
 def _trainer_script(ckpt: Path, steps: int) -> str:
