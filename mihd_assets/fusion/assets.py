@@ -160,7 +160,7 @@ def _fusion_factory(method: str, gene: str, vision: str):
     io_manager_key="embedding_io_manager",
     pool=GPU_POOL,
     op_tags=gpu_op_tags(),
-    code_version="2",
+    code_version="3",
     kinds={"pytorch"},
 )
 def staig_fusion_embedding(context: AssetExecutionContext, compute: ComputeResource, pre, vision):

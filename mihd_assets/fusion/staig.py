@@ -3,8 +3,9 @@
 Reimplemented from the STAIG paper and its published configuration for 151673:
 
 - input: the 3,000 HVG matrix of the ``staig`` preset (not PCA);
-- graph: symmetric k-NN (k = 5) over spot coordinates; one GCN layer (hidden 64, PReLU)
-  and a two-layer projection head (64, ELU), as in GRACE-style models;
+- graph: symmetric k-NN (k = 5) over spot coordinates; one GCN layer (hidden 64, PReLU;
+  Glorot-initialised weight, bias added after propagation, as graph libraries define the
+  layer) and a two-layer projection head (64, ELU), as in GRACE-style models;
 - two views per epoch: feature-column dropout (0.1 / 0.2) and edge dropping where each
   edge's drop probability is its image-embedding distance divided by the sum of the
   distances of its source spot's edges (row-normalized), so edges joining spots that look
