@@ -34,7 +34,7 @@ from ..fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "4"
+GENERATOR_VERSION = "5"
 LAYERS = ("Layer1", "Layer2", "Layer3", "Layer4", "Layer5", "Layer6", "WM")
 # Relative thickness of each layer across the cortical ribbon (L3 and WM are thick).
 LAYER_WIDTHS = np.array([0.08, 0.08, 0.18, 0.10, 0.15, 0.16, 0.25])
@@ -67,8 +67,12 @@ HEMATOXYLIN_RGB = (86, 56, 138)
 class DemoSlideSpec:
     """Size and signal of one synthetic slide. Defaults are the demo profile's sizes."""
 
-    n_rows: int = 28  # Visium array rows (the real chip has 78)
-    n_cols: int = 56  # Visium array columns (the real chip has 128)
+    # v5: 48 x 36 (was 28 x 56): about as many spots, but the layers run across 48 rows, so the
+    # thinnest are 3-4 spots thick instead of 2 (real DLPFC: 5-15). At 28 rows graph-smoothing
+    # methods (STAIG's GCN, the 15-neighbour vote) merged the thin layers for demo reasons, not
+    # the method's (benchmarks/RESULTS.md, "staig_fusion and the demo slide's shape").
+    n_rows: int = 48  # Visium array rows (the real chip has 78)
+    n_cols: int = 36  # Visium array columns (the real chip has 128)
     pitch_px: float = 100.0  # full-res px between neighbouring spot centres
     spot_diameter_px: float = 55.0
     margin_px: int = 260
