@@ -26,14 +26,15 @@ def main() -> int:
     from mihd_assets.geometry.config import geometry_plan
     from mihd_assets.geometry.evaluate import Inference, set_metrics
     from mihd_assets.geometry.targets import GeometryTrainingSet
-    from mihd_assets.geometry.train import load_model, set_batch
+    from mihd_assets.geometry.train import checkpoint_sigma_gen, load_model, set_batch
 
     torch.set_num_threads(2)
     root = home / "storage" / "geometry"
     ts = GeometryTrainingSet.load(root / "geometry_training_set.npz")
-    model, saved = load_model(root / "geometry_checkpoint.pt")
+    ckpt = root / "geometry_checkpoint.pt"
+    model, saved = load_model(ckpt)
     plan = geometry_plan()
-    sd, sg = ts.sigma_data, float(saved["sigma_gen"])
+    sd, sg = ts.sigma_data, checkpoint_sigma_gen(saved, str(ckpt))
     inf = Inference(model, sd, torch.device("cpu"), sigma_gen=sg)
     sets = ts.heldout
     feats, target, mask = set_batch(ts, sets, np.arange(len(sets.size)), "cpu")

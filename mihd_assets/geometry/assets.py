@@ -225,22 +225,18 @@ def _check_results(frame: pd.DataFrame) -> list[AssetCheckResult]:
     ),
 )
 def geometry_evaluation(context: AssetExecutionContext, compute: ComputeResource, store: GeometryStore) -> MaterializeResult:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, refine_stop
     from .targets import GeometryTrainingSet
-    from .train import CheckpointMismatchError, load_model
+    from .train import checkpoint_sigma_gen, load_model
 
     ckpt = store.existing(CHECKPOINT, "geometry_checkpoint")
     ts = GeometryTrainingSet.load(store.existing(TRAINING_SET, "geometry_training_set"))
     device = compute.torch_device()
     model, saved = load_model(ckpt, device)
+    sigma_gen = checkpoint_sigma_gen(saved, str(ckpt))
     started = time.perf_counter()
-    if saved.get("sigma_gen") is None:
-        raise CheckpointMismatchError(
-            f"geometry checkpoint {ckpt} has no sigma_gen (the generator's error that sets refinement's "
-            "noise levels): it predates noise-matched training; rematerialize geometry_checkpoint"
-        )
     frame = evaluate(model, ts, PLAN, device, amp=compute.use_amp(), batch_size=compute.batch_size,
-                     log=context.log.info, sigma_gen=float(saved["sigma_gen"]))
+                     log=context.log.info, sigma_gen=sigma_gen)
     frame.insert(0, "checkpoint_id", file_sha256(ckpt)[:16])
     frame.insert(1, "step", int(saved["step"]))
     frame["sigma_data"] = ts.sigma_data
@@ -253,10 +249,10 @@ def geometry_evaluation(context: AssetExecutionContext, compute: ComputeResource
             "path": str(path),
             "checkpoint_id": str(frame["checkpoint_id"].iloc[0]),
             "step": int(saved["step"]),
-            "sigma_gen": round(float(saved["sigma_gen"]), 5),
+            "sigma_gen": round(sigma_gen, 5),
             "refine_schedule": MetadataValue.json({
                 "sigma_refine": round(PLAN.sigma_refine_factor * ts.sigma_data, 5), "steps": PLAN.refine_steps,
-                "stop": round(max(PLAN.sigma_min_factor * ts.sigma_data, PLAN.refine_stop_factor * float(saved["sigma_gen"])), 5)}),
+                "stop": round(refine_stop(PLAN, ts.sigma_data, sigma_gen), 5)}),
             "heldout_slides": MetadataValue.json(ts.slide_ids("heldout")),
             "summary": MetadataValue.md(summary.round(4).to_markdown()),
             "device": str(device),

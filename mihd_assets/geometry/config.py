@@ -100,7 +100,7 @@ class GeometryPlan:
     # the generator's error sigma_gen the noisy estimate sits at sqrt(sigma_refine^2 + sigma_gen^2),
     # where the steps start; they stop at refine_stop_factor x sigma_gen (the final step to 0 is
     # the denoiser's estimate there). Below the generator's error the denoiser can only invent
-    # detail the expression does not determine (benchmarks/RESULTS.md, "Refinement schedule").
+    # detail the expression does not determine (benchmarks/RESULTS.md, "Noise-matched refinement").
     sigma_refine_factor: float = 1.5
     refine_steps: int = 4
     refine_stop_factor: float = 2.0

@@ -8,7 +8,8 @@ Every method is scored on the same held-out sets with the same metrics:
 * ``trustworthiness``: sklearn's trustworthiness at k (are predicted neighbours true ones).
 
 Methods: ``generator``; ``refined`` (generator -> noise at sigma_refine -> a few Heun
-steps from sqrt(sigma_refine^2 + sigma_gen^2) down to refine_stop_factor x sigma_gen); ``full_sampler`` (Heun from sigma_max: diagnostic); ``denoiser`` one step from the
+steps from sqrt(sigma_refine^2 + sigma_gen^2) down to refine_stop_factor x sigma_gen);
+``full_sampler`` (Heun from sigma_max: diagnostic); ``denoiser`` one step from the
 noised target, per sigma bin (seed 003's per-sigma scale table); baselines
 ``random`` (Gaussian coordinates at the training scale) and ``expression_spectral``
 (spectral embedding of the set's expression kNN graph, rescaled to the training scale).
@@ -107,8 +108,8 @@ class Inference:
     model: GeometryModel
     sigma_data: float
     device: torch.device
+    sigma_gen: float  # the generator's RMS error (train.TrainConfig.generator_noise_matching)
     amp: bool = False
-    sigma_gen: float = 0.0  # the generator's RMS error (train.TrainConfig.generator_noise_matching)
 
     def _denoise(self, context, v_init, mask):
         def fn(x, sigma):
@@ -125,7 +126,6 @@ class Inference:
             context, v = self.model(feats, mask)
         return context.float(), canonical_frame(v, mask)
 
-    @torch.no_grad()
     def refine_schedule(self, sigma_refine: float, steps: int, sigma_stop: float) -> torch.Tensor:
         """Noise levels of refinement: the noisy estimate carries the added noise and the
         generator's own error, sqrt(sigma_refine^2 + sigma_gen^2); the steps end at sigma_stop."""
@@ -154,6 +154,11 @@ class Inference:
         return self._denoise(context, v_init, mask)(x, sig)
 
 
+def refine_stop(plan: GeometryPlan, sigma_data: float, sigma_gen: float) -> float:
+    """Where refinement's steps end: ``refine_stop_factor`` x sigma_gen, never below the sampler's floor."""
+    return max(plan.sigma_min_factor * sigma_data, plan.refine_stop_factor * sigma_gen)
+
+
 def _aggregate(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     keys = ["slide_id", "method", "sigma_bin", "sigma_lo", "sigma_hi"]
@@ -168,7 +173,7 @@ def _aggregate(rows: list[dict]) -> pd.DataFrame:
 
 
 def evaluate(model: GeometryModel, ts: GeometryTrainingSet, plan: GeometryPlan, device, amp: bool = False,
-             batch_size: int = 16, log=print, sigma_gen: float = 0.0) -> pd.DataFrame:
+             batch_size: int = 16, log=print, *, sigma_gen: float) -> pd.DataFrame:
     """Metrics of every method on every held-out set, averaged per (slide, method, sigma bin).
 
     ``sigma_gen`` is the generator's RMS error stored in the checkpoint (refinement's schedule)."""
@@ -178,8 +183,8 @@ def evaluate(model: GeometryModel, ts: GeometryTrainingSet, plan: GeometryPlan, 
     rms_target = sd * np.sqrt(dims)  # mean RMS radius of the *training* targets
     sigma_min, sigma_max = sampler_range(sd, plan.sigma_min_factor, plan.sigma_max_factor)
     sigma_refine = plan.sigma_refine_factor * sd
-    sigma_stop = max(sigma_min, plan.refine_stop_factor * sigma_gen)
-    inf = Inference(model, sd, device, amp, sigma_gen)
+    sigma_stop = refine_stop(plan, sd, sigma_gen)
+    inf = Inference(model, sd, device, sigma_gen=sigma_gen, amp=amp)
     generator = torch.Generator().manual_seed(plan.seed)
     rng = np.random.default_rng(plan.seed)
     sets: GeometrySets = ts.heldout

@@ -185,6 +185,18 @@ def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def checkpoint_sigma_gen(saved: dict, source: str) -> float:
+    """The generator's RMS error a checkpoint's refiner is matched to; an error naming ``source``
+    for checkpoints written before noise-matched training (they have none)."""
+    value = saved.get("sigma_gen")
+    if value is None or not math.isfinite(float(value)):
+        raise CheckpointMismatchError(
+            f"geometry checkpoint {source} has no sigma_gen (the generator's error that sets refinement's "
+            f"noise levels; got {value!r}): it predates noise-matched training; rematerialize geometry_checkpoint"
+        )
+    return float(value)
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GeometryModel, dict]:
     """The model a checkpoint describes, with its weights; (model, checkpoint dict)."""
     saved = read_checkpoint(path)

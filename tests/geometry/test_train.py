@@ -18,6 +18,7 @@ from mihd_assets.geometry.models import GeometryModel, ModelConfig
 from mihd_assets.geometry.train import (
     CheckpointMismatchError,
     NonFiniteLossError,
+    checkpoint_sigma_gen,
     compute_losses,
     load_model,
     load_state_strict,
@@ -67,6 +68,10 @@ def test_training_lowers_the_losses(small_training_set, tmp_path):
     # sigma_gen follows the generator's RMS error as it trains (a running mean over the last
     # batches, which carry feature noise): below the untrained error, not below the clean one
     assert saved["sigma_gen"] == pytest.approx(result.sigma_gen)
+    assert checkpoint_sigma_gen(saved, "c.pt") == pytest.approx(result.sigma_gen)
+    # a checkpoint from before noise matching has none: refinement's schedule is unknown, say so
+    with pytest.raises(CheckpointMismatchError, match=r"old\.pt has no sigma_gen.*rematerialize"):
+        checkpoint_sigma_gen({k: v for k, v in saved.items() if k != "sigma_gen"}, "old.pt")
     assert after["gen_error"] < saved["sigma_gen"] < 0.8 * before["gen_error"], (saved["sigma_gen"], before, after)
 
 
