@@ -1,6 +1,6 @@
 """Synthetic ROSMAP-style immunofluorescence tiles with a known donor-level answer.
 
-Layout written under ``root`` (the lab's layout, seed 004):
+Layout written under ``root`` (the lab's ROSMAP tile layout):
 
 * ``tiles/<projid>/<projid>_<MARKER>_<n>_b0c0.tif`` (DAPI) and ``..._b0c1.tif`` (marker),
   16-bit, one pair per tile; a stray ``<projid>_<MARKER>_1_metadata.xml`` in every donor

@@ -3,7 +3,7 @@
 Both take a preprocessed AnnData (``X`` = the processed HVG matrix) and return the raw
 embedding, float32 ``(n_spots, d)``, with an info dict for the asset's metadata.
 Embeddings are stored raw: any scaling or L2 normalisation happens after loading, in one
-place (seed 001 standardised twice).
+place (standardising twice silently changes results).
 """
 
 from __future__ import annotations

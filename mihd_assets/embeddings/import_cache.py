@@ -1,6 +1,6 @@
 """Read the lab's old embedding cache so past GPU hours become platform assets.
 
-The old ``run_benchmark.py`` cache (seed 001) kept one array per slide and encoder::
+The old ``run_benchmark.py`` cache kept one array per slide and encoder::
 
     embeddings_cache/
       <slide_id>/

@@ -2,10 +2,10 @@
 
 Coordinates are always full-resolution pixels (``obsm["spatial"]``: x = column, y = row)
 and the patch side is always given in full-resolution pixels; the dataset maps both into
-the image it reads with that image's own scale factor (seed 000 addressed the full-res
-image with hires-scaled coordinates). Windows are read tile by tile (zarr over the TIFF),
-so a full-resolution image is never decoded whole, and every DataLoader worker opens its
-own handle.
+the image it reads with that image's own scale factor (a full-res image addressed with
+hires-scaled coordinates makes every patch miss the tissue). Windows are read tile by
+tile (zarr over the TIFF), so a full-resolution image is never decoded whole, and every
+DataLoader worker opens its own handle.
 
 Variants:
 

@@ -27,7 +27,7 @@ padding with the pad token and ``pad_value`` under a key padding mask. Two delib
 differences, both recorded in the info dict: cells with more than ``max_genes``
 expressed genes keep their most highly expressed genes (scGPT samples at random, which
 would make embeddings change between runs), and the output is the raw ``<cls>`` vector
-(scGPT L2-normalises it; here normalisation is left to the consumer, SPEC 3 / seed 001).
+(scGPT L2-normalises it; here embeddings are stored raw and normalised by the consumer).
 """
 
 from __future__ import annotations

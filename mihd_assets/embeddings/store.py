@@ -15,8 +15,8 @@ from ..fileio import atomic_path
 class SpotEmbedding:
     """Raw (n_spots, d) float32 values, the spot barcodes, and what produced them.
 
-    Stored before any scaling or PCA: consumers normalise after loading, in one place
-    (seed 001), so the same cache serves every downstream method.
+    Stored before any scaling or PCA: consumers normalise after loading, in one place,
+    so the same cache serves every downstream method.
     """
 
     values: np.ndarray

@@ -1,7 +1,8 @@
 """Clustering of spot embeddings: R mclust (default), k-means, Leiden; spatial refinement.
 
-Inputs are validated before they reach R (seed 000: ``svd(data, nu=0): a dimension is
-zero`` surfaced from inside mclust with no hint of which matrix was wrong).
+Inputs are validated before they reach R (2-D, finite, no empty dimension, at least as
+many rows as clusters; errors name the shape): otherwise mclust fails from inside R with
+``svd(data, nu=0): a dimension is zero`` and no hint of which matrix was wrong.
 """
 
 from __future__ import annotations

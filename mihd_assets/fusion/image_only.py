@@ -1,15 +1,16 @@
 """Image-only spatial-domain clustering: SCAN, STEGO-style distillation, BYOL adapter + spatial GAT.
 
-Seed 002 compared the three on DLPFC 151673: SCAN reached ARI 0.303 against 0.251 for
-k-means on the raw vision embedding; STEGO's loss was NaN until its contrastive term used
-log-sum-exp on L2-normalised features; BYOL follows STAIG's domain adaptation of an image
+On DLPFC 151673 SCAN reached ARI 0.303 against 0.251 for k-means on the raw vision
+embedding; STEGO's loss was NaN until its contrastive term used log-sum-exp on
+L2-normalised features; BYOL follows STAIG's domain adaptation of an image
 encoder on the slide's own patches.
 
 Each function returns ``(labels, embedding, info)``: integer labels ``(n,)``, a float32
 embedding ``(n, d)`` (the representation the labels come from) and an info dict with
 ``method, epochs, final_loss, loss_history, seconds, device`` and the hyperparameters.
-Vision embeddings arrive standardised by the caller and are used as given (SPEC
-lesson 4). Training is deterministic for a seed on CPU (see :mod:`.trained`).
+Vision embeddings arrive standardised by the caller and are used as given (one
+normalization, in one place). Training is deterministic for a seed on CPU (see
+:mod:`.trained`).
 """
 
 from __future__ import annotations
@@ -327,11 +328,11 @@ def stego_clustering(
     whole slide's dense n x n correlations, and the backbone's n x n correlation matrix is
     computed once and sliced; with smaller batches each block is computed per step.
 
-    Numerical stability (seed 002 went NaN at 3,639 x 3,639): the head reads the rows of
-    the embedding scaled to unit L2 norm (only cosines enter STEGO's loss, so only the
-    direction of a spot's feature vector matters), and the loss uses bounded cosine
-    correlations in float32 without exponentials; it is finite for inputs of any
-    magnitude and inside a float16 / bfloat16 autocast region.
+    Numerical stability (a STEGO loss on a dense 3,639 x 3,639 similarity once went NaN):
+    the head reads the rows of the embedding scaled to unit L2 norm (only cosines enter
+    STEGO's loss, so only the direction of a spot's feature vector matters), and the loss
+    uses bounded cosine correlations in float32 without exponentials; it is finite for
+    inputs of any magnitude and inside a float16 / bfloat16 autocast region.
 
     labels = k-means (``n_clusters``, sklearn) on the L2-normalised codes, which are also
     the returned embedding.

@@ -1,7 +1,7 @@
 """Numerically stable losses shared by the trained fusion and image-only methods.
 
 Every loss here runs in float32 with autocast switched off, whatever the caller's
-context: seed 002's STEGO run went NaN because a dense 3,639 x 3,639 similarity matrix
+context: a STEGO run once went NaN because a dense 3,639 x 3,639 similarity matrix
 divided by a small temperature overflowed ``exp``. Softmax-type terms go through
 log-sum-exp (``F.cross_entropy`` / ``log_softmax`` / ``logsumexp``), and rows are
 brought to a unit max-abs scale before L2 normalisation so that even inputs near the

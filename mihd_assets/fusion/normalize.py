@@ -1,4 +1,7 @@
-"""The one place embeddings are normalised after loading (seed 001: stored raw, scaled once)."""
+"""The one place embeddings are normalised after loading: they are stored raw and scaled once.
+
+Standardising twice (once in a caller, again inside a method) silently changes results.
+"""
 
 from __future__ import annotations
 

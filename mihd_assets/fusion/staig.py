@@ -1,4 +1,4 @@
-"""STAIG-equivalent fusion (SPEC 4.2): image-guided graph contrastive learning on HVG counts.
+"""STAIG-equivalent fusion: image-guided graph contrastive learning on HVG counts.
 
 Reimplemented from the STAIG paper and its published configuration for 151673:
 

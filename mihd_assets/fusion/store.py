@@ -15,7 +15,8 @@ from ..fileio import atomic_path
 class SpotLabels:
     """Labels (0..K-1) per spot before and after spatial refinement, with the run record.
 
-    Figures and metrics are computed from these stored labels only (seed 000 lesson 10).
+    Figures and metrics are computed from these stored labels only, never by re-running
+    inference.
     """
 
     obs_names: list[str]

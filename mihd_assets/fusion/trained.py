@@ -7,7 +7,7 @@ info dict for the asset's metadata (method, epochs, final_loss, loss_history, se
 device, dims and every hyperparameter used).
 
 The inputs arrive already standardised per modality by the caller: that is the one
-normalization (SPEC lesson 4, seed 001 standardised twice). Nothing here standardises,
+normalization (standardising twice silently changes results). Nothing here standardises,
 scales or reduces them again, and the caller's arrays are never modified.
 
 Training is mini-batched (a real slide has about 3,600 spots), on the device given, and

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-# Noise-level bins of the per-sigma table (seed 003, section 8.1), and the sigmas
-# evaluated inside each bin (the last bin stops at seed 003's largest, 2.4).
+# Noise-level bins of the per-sigma scale table (the bins the EDM denoiser's scale
+# collapse was first measured in), and the sigmas evaluated inside each bin (the last
+# bin stops at 2.4, where that collapse was measured at a scale ratio of about 0.08).
 SIGMA_BINS: tuple[tuple[float, float], ...] = ((0.0, 0.1), (0.1, 0.3), (0.3, 0.5), (0.5, 1.0), (1.0, float("inf")))
 SIGMAS_PER_BIN: tuple[tuple[float, ...], ...] = (
     (0.02, 0.05, 0.08), (0.12, 0.2, 0.28), (0.32, 0.4, 0.48), (0.55, 0.7, 0.9), (1.2, 1.8, 2.4),

@@ -13,7 +13,7 @@ Two kinds, both frozen before any held-out slide is seen:
 Per-slide fitted embeddings (``pca``, ``mlp`` in the embeddings family) are refused: each
 slide gets its own basis, so features of two slides are not comparable.
 
-The output is scaled once, here (seed 001 normalised twice).
+The output is scaled once, here (normalising twice silently changes results).
 """
 
 from __future__ import annotations

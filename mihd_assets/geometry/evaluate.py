@@ -10,7 +10,7 @@ Every method is scored on the same held-out sets with the same metrics:
 Methods: ``generator``; ``refined`` (generator -> noise at sigma_refine -> a few Heun
 steps from sqrt(sigma_refine^2 + sigma_gen^2) down to refine_stop_factor x sigma_gen);
 ``full_sampler`` (Heun from sigma_max: diagnostic); ``denoiser`` one step from the
-noised target, per sigma bin (seed 003's per-sigma scale table); baselines
+noised target, per sigma bin (the per-sigma scale table); baselines
 ``random`` (Gaussian coordinates at the training scale) and ``expression_spectral``
 (spectral embedding of the set's expression kNN graph, rescaled to the training scale).
 The baselines' scale comes from the training targets, never from the held-out target.

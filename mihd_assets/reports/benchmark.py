@@ -1,9 +1,9 @@
 """The Plotly benchmark report: ARI / NMI by method and slide, one self-contained HTML file.
 
-Seed 000's report rendered wrong offline: plotly.js came from a CDN of another version and
-numpy arrays were serialized as typed arrays the old plotly.js could not read. Here the
-installed package's own plotly.js is embedded, every series is a plain Python list, and
-bar axes start at zero.
+An earlier report drew high scores as short bars: plotly.js came from a CDN of another
+version and numpy arrays were serialized as typed arrays that plotly.js could not read.
+Here the installed package's own plotly.js is embedded, every series is a plain Python
+list, and bar axes start at zero.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The only module that imports cellpose: network build/load, training, inference, metrics.
 
-Facts of cellpose 4.2 this wrapper guards against (SPEC 4.5):
+Facts of cellpose 4.2 this wrapper guards against:
 
 * ``CellposeModel(pretrained_model=name)`` silently falls back to the default model for an
   unknown name, and downloads weights from a hub for a known one. Here a model is always a

@@ -21,8 +21,8 @@ MISSING_TOKENS = {"", "na", "nan", "n/a", ".", "null", "none"}
 
 @dataclass(frozen=True)
 class Code:
-    """Valid values of one outcome (SPEC 6): a set of integer codes, or continuous >= 0;
-    ``missing`` codes mean 'not assessed' and become NaN."""
+    """Valid values of one outcome (ROSMAP codebook): a set of integer codes, or continuous
+    >= 0; ``missing`` codes mean 'not assessed' and become NaN."""
 
     valid: frozenset[int] | None
     missing: frozenset[int] = frozenset()

@@ -2,9 +2,9 @@
 
 A tile is a pair of single-channel TIFFs ``<stem>_b<k>c0.tif`` (DAPI) and
 ``<stem>_b<k>c1.tif`` (marker) in one donor folder. Only names ending in ``.tif`` or
-``.tiff`` are image files (seed 004 crashed reading ``*_metadata.xml`` as a TIFF); a tile
-whose partner channel is missing, or whose files cannot be read, is a recorded skip with
-the reason, never a crash of the donor.
+``.tiff`` are image files (a ``*_metadata.xml`` file read as a TIFF once crashed a full
+inference run); a tile whose partner channel is missing, or whose files cannot be read,
+is a recorded skip with the reason, never a crash of the donor.
 """
 
 from __future__ import annotations

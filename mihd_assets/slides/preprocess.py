@@ -1,8 +1,9 @@
 """Expression preprocessing as named presets of explicit, ordered steps.
 
-The order of steps matters and was once misremembered (seed 000 believed STAIG
-normalised before selecting genes). Here a preset *is* its ordered list of steps, and the
-list that actually ran is returned so it can be recorded with the result.
+The order of steps matters and is easy to get backwards (STAIG was once believed to
+normalise before selecting genes; it selects them on raw counts first). Here a preset
+*is* its ordered list of steps, and the list that actually ran is returned so it can be
+recorded with the result.
 
 STAIG's reference order (its ``adata_processing.py``): seurat_v3 highly variable genes
 on raw counts (3,000) -> normalize_total(1e4) -> log1p -> scale(zero_center=False,
@@ -45,7 +46,7 @@ PRESETS: dict[str, tuple[Step, ...]] = {
         Step("subset_highly_variable"),
         Step("scale", {"zero_center": True, "max_value": 10.0}),
     ),
-    # STAIG's reference order (SPEC 4.1).
+    # STAIG's reference order (its adata_processing.py): HVGs on raw counts first.
     "staig": (
         Step("filter_genes", {"min_cells": 1}),
         Step("highly_variable_genes", {"flavor": "seurat_v3", "n_top_genes": 3000, "layer": None}),

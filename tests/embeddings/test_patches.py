@@ -106,7 +106,7 @@ def test_hires_and_fullres_give_the_same_patch(tmp_path):
     # Normalized units; windows start on whole hires pixels, so up to 2 full-res px of shift
     # remains (shifting by 8 full-res px already costs 0.27).
     assert (a - b).abs().mean() < 0.1
-    # Seed 000's bug: the full-res image addressed with hires-scaled coordinates.
+    # The bug this guards against: the full-res image addressed with hires-scaled coordinates.
     wrong = SpotPatchDataset(full, spots * 0.25, 1.0, input_size=32, patch_side_fullres=160)
     assert (a - all_patches(wrong)).abs().mean() > 0.5
 

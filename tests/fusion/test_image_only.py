@@ -117,7 +117,7 @@ def test_nearest_neighbors_excludes_self_also_with_duplicates():
 
 
 def test_stego_is_finite_on_a_dense_slide_with_half_precision_risky_magnitudes():
-    """Seed 002: STEGO went NaN on a 3,639 x 3,639 dense similarity. Here 3,600 spots x 512
+    """STEGO once went NaN on a 3,639 x 3,639 dense similarity. Here 3,600 spots x 512
     dims, values around 1e3 (past float16's range once squared and summed) and the call
     made inside a bfloat16 autocast region; the whole slide is one dense batch."""
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ def test_discovery_is_strict_about_suffix_and_pairs_channels(tmp_path):
     donor = tmp_path / "D1"
     _pair(donor, "D1_GFAP_1")
     _pair(donor, "D1_GFAP_2")
-    (donor / "D1_GFAP_1_metadata.xml").write_text("<xml/>")  # seed 004's crash
+    (donor / "D1_GFAP_1_metadata.xml").write_text("<xml/>")  # once read as a TIFF and crashed a run
     (donor / "D1_GFAP_3_b0c0.tif.bak").write_bytes(b"junk")
     write_tiff(donor / "D1_GFAP_4_b0c0.tiff", np.zeros((16, 16), np.uint16))  # its c1 is missing
     write_tiff(donor / "overview.tif", np.zeros((4, 4), np.uint16))  # no channel token

@@ -1,4 +1,5 @@
-"""The spots-on-tissue check: passes on consistent data, fails on the seed-000 bug."""
+"""The spots-on-tissue check: passes on consistent data, fails when the full-res image is
+addressed with hires-scaled coordinates."""
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ def test_demo_slide_passes_on_every_image(tiny_slides):
 
 
 def test_fullres_addressed_with_hires_scaled_coordinates_fails(tiny_slides):
-    """Seed 000: the full-res image read with coordinates already multiplied by the hires
+    """The full-res image read with coordinates already multiplied by the hires
     scale factor. Every point is inside the image, but almost none is on tissue."""
     adata = read_visium_slide(tiny_slides / "demo_01")
     info = adata.uns["spatial"]["demo_01"]
