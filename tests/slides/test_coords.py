@@ -1,5 +1,6 @@
-"""The spots-on-tissue check: passes on consistent data, fails when the full-res image is
-addressed with hires-scaled coordinates."""
+"""The spots-on-tissue check: passes on consistent data (synthetic and the real lowres-only
+DLPFC 151676), fails when the full-res image is addressed with hires-scaled coordinates,
+on wrongly scaled or shifted coordinates, and on placeholder or tissue-free images."""
 
 import numpy as np
 import pytest
