@@ -33,26 +33,6 @@ def _instance():
     return DagsterInstance.get()
 
 
-def user_error(err):
-    """The platform's own error under Dagster's wrappers ("Error occurred while executing op").
-
-    Stops at the first non-Dagster exception: that message names the slide and the file;
-    the library error it was raised from (kept as its cause) usually names neither.
-    """
-    while err is not None and err.cause is not None and (err.cls_name or "").startswith("Dagster"):
-        err = err.cause
-    return err
-
-
-def _step_errors(result) -> list[str]:
-    errors = []
-    for event in result.all_events:
-        if event.event_type_value == "STEP_FAILURE":
-            err = user_error(event.event_specific_data.error)
-            errors.append(f"{event.step_key}: {err.message.strip() if err else 'failed'}")
-    return errors
-
-
 def cmd_demo_data(args) -> int:
     from mihd_assets.demo.visium import generate_demo_slides
 
@@ -65,99 +45,83 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
+def _register_partitions(instance, echo=print) -> None:
+    """Register new slide and donor folders as partitions (invalid names are refused)."""
+    from dagster_project.sensors import discover_slides
+    from mihd_assets.segmentation.partitions import discover_donors, donors_partitions
+    from mihd_resources import StorageResource
+    from mihd_resources.orchestration import slides_partitions
+
+    storage = StorageResource(slides_root=str(settings.slides_root()))
+    found = [(discover_slides(storage, instance), slides_partitions)]
+    if settings.tiles_root().is_dir():
+        found.append((discover_donors(instance), donors_partitions))
+    for (new, refused), pdef in found:
+        for message in refused:
+            print(f"refused: {message}", file=sys.stderr)
+        if new:
+            instance.add_dynamic_partitions(pdef.name, new)
+            echo(f"registered {pdef.name} partitions: {', '.join(new)}")
+
+
+def _observe_sources(defs, instance) -> None:
+    """Observe every input source (slide folders, donor tiles, annotations, clinical table)."""
+    from dagster_project.jobs import OBSERVE_SLIDES_JOB_NAME
+    from mihd_assets.segmentation.partitions import OBSERVE_JOB_NAME
+    from mihd_resources.orchestration import step_errors
+
+    for name in (OBSERVE_SLIDES_JOB_NAME, OBSERVE_JOB_NAME):
+        result = defs.resolve_job_def(name).execute_in_process(
+            instance=instance, raise_on_error=False, tags={"mihd/launched_by": "mihd materialize"},
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        )
+        if not result.success:
+            raise RuntimeError(f"observing input sources ({name}) failed: " + "; ".join(step_errors(result)))
+
+
+def _units(defs, instance, partitions: list[str] | None, groups: list[str] | None):
+    """One unit per slide, one for the unpartitioned assets, one per donor (the order runs go in)."""
+    from dagster_project.materialize import Unit
+    from mihd_assets.segmentation.partitions import donors_partitions
+    from mihd_resources.orchestration import slides_partitions
+
+    graph = defs.resolve_asset_graph()
+    by_partitioning: dict[str | None, list] = {}
+    for key in graph.toposorted_asset_keys:
+        node = graph.get(key)
+        if not node.is_materializable or (groups and node.group_name not in groups):
+            continue
+        by_partitioning.setdefault(node.partitions_def.name if node.partitions_def else None, []).append(key)
+    units = []
+    slides = partitions or instance.get_dynamic_partitions(slides_partitions.name)
+    for slide in slides:
+        units.append(Unit(slides_partitions.name, slide, by_partitioning.get(slides_partitions.name, [])))
+    if not partitions:
+        units.append(Unit(None, None, by_partitioning.get(None, [])))
+        for donor in instance.get_dynamic_partitions(donors_partitions.name):
+            units.append(Unit(donors_partitions.name, donor, by_partitioning.get(donors_partitions.name, [])))
+    return [u for u in units if u.keys]
+
+
 def cmd_materialize(args) -> int:
     from dagster_project.definitions import defs
-    from dagster_project.freshness import plan_for_graph
-    from dagster_project.jobs import SLIDE_JOB_NAME
-    from dagster_project.partitions import slides_partitions
-    from dagster_project.sensors import discover_slides
-    from dagster_project.staleness_inputs import slide_fingerprints, slide_gates
-    from mihd_resources import StorageResource
+    from dagster_project.materialize import execute
 
     instance = _instance()
-    storage = StorageResource(slides_root=str(settings.slides_root()))
-    new, refused = discover_slides(storage, instance)
-    for message in refused:
-        print(f"refused: {message}", file=sys.stderr)
-    if new:
-        instance.add_dynamic_partitions(slides_partitions.name, new)
-        print(f"registered slide partitions: {', '.join(new)}")
-    slides = args.partition or instance.get_dynamic_partitions(slides_partitions.name)
-    if not slides:
-        print(f"no slides under {storage.slides_root}; nothing to do")
+    started = time.perf_counter()
+    _register_partitions(instance)
+    _observe_sources(defs, instance)
+    units = _units(defs, instance, args.partition, getattr(args, "only", None))
+    if not units:
+        print(f"no slides under {settings.slides_root()} and nothing else selected; nothing to do")
         return 0
-
-    job = defs.resolve_job_def(SLIDE_JOB_NAME)
-    graph = defs.resolve_asset_graph()
-    keys = set(job.asset_layer.executable_asset_keys)
-    only = getattr(args, "only", None)
-    if only:
-        keys = {k for k in keys if graph.get(k).group_name in only}
-    level = "INFO" if args.verbose else "WARNING"
-    failures = 0
-    started_all = time.perf_counter()
-    for i, slide in enumerate(slides, 1):
-        plan = plan_for_graph(instance, graph, keys, slide, slide_fingerprints(storage), slide_gates())
-        prefix = f"[{i}/{len(slides)}] {slide}:"
-        if plan.blocked:
-            print(f"{prefix} blocked - {plan.blocked}")
-            failures += 1
-            continue
-        if not plan.to_materialize:
-            print(f"{prefix} fresh, nothing to do")
-            continue
-        print(f"{prefix} materializing {len(plan.to_materialize)} asset(s): "
-              + ", ".join(f"{k} ({r})" for k, r in plan.reasons.items()), flush=True)
-        if args.dry_run:
-            continue
-        started = time.perf_counter()
-        result = job.execute_in_process(
-            instance=instance,
-            partition_key=slide,
-            asset_selection=plan.to_materialize,
-            raise_on_error=False,
-            tags={"mihd/launched_by": "mihd materialize", "mihd/profile": settings.profile()},
-            run_config={"loggers": {"console": {"config": {"log_level": level}}}},
-        )
-        seconds = time.perf_counter() - started
-        if result.success:
-            print(f"{prefix} done in {seconds:.1f} s (run {result.run_id[:8]})", flush=True)
-        else:
-            failures += 1
-            print(f"{prefix} FAILED after {seconds:.1f} s (run {result.run_id[:8]})", flush=True)
-            for line in _step_errors(result):
-                print(f"    {line}", flush=True)
-    if not only or "reports" in only:
-        failures += _materialize_reports(instance, defs, graph, args, level)
-    print(f"materialize finished in {time.perf_counter() - started_all:.1f} s; {failures} slide(s) failed or blocked")
-    return 1 if failures else 0
-
-
-def _materialize_reports(instance, defs, graph, args, level) -> int:
-    """Cross-slide summaries, when missing or older than what they summarise."""
-    from dagster_project.freshness import plan_for_graph
-    from dagster_project.jobs import REPORT_JOB_NAME
-
-    job = defs.resolve_job_def(REPORT_JOB_NAME)
-    keys = set(job.asset_layer.executable_asset_keys)
-    # Upstream slide assets count as parents: a newer partition of them makes the report stale.
-    plan = plan_for_graph(instance, graph, keys | {p for k in keys for p in graph.get(k).parent_keys}, None)
-    todo = [k for k in plan.to_materialize if k in keys]
-    if not todo:
-        return 0
-    print(f"reports: materializing {', '.join(k.to_user_string() for k in todo)}", flush=True)
-    if args.dry_run:
-        return 0
-    result = job.execute_in_process(
-        instance=instance, asset_selection=todo, raise_on_error=False,
+    failures = execute(
+        defs, instance, units, dry_run=args.dry_run, log_level="INFO" if args.verbose else "WARNING",
         tags={"mihd/launched_by": "mihd materialize", "mihd/profile": settings.profile()},
-        run_config={"loggers": {"console": {"config": {"log_level": level}}}},
     )
-    if result.success:
-        return 0
-    for line in _step_errors(result):
-        print(f"    {line}", flush=True)
-    return 1
+    print(f"materialize finished in {time.perf_counter() - started:.1f} s; "
+          f"{failures} partition(s) failed or blocked", flush=True)
+    return 1 if failures else 0
 
 
 def cmd_sql(args) -> int:
@@ -172,6 +136,10 @@ def cmd_sql(args) -> int:
     import duckdb
 
     database = args.db or settings.duckdb_path()
+    if not Path(database).is_file():
+        print(f"mihd sql: no metrics database at {database} yet; run `make demo` or `mihd materialize` first "
+              "(or pass --db PATH)", file=sys.stderr)
+        return 1
     try:
         frame = read_only_query(database, sql)
     except duckdb.Error as exc:  # a wrong column, table or syntax: DuckDB's message is the answer
@@ -194,9 +162,10 @@ def cmd_import_embeddings(args) -> int:
     import anndata as ad
     from dagster import AssetMaterialization, MetadataValue
 
+    from dagster import AssetRecordsFilter
+
     from dagster_project.definitions import defs
-    from dagster_project.freshness import CODE_VERSION_TAG, latest_materialization
-    from dagster_project.partitions import slides_partitions
+    from mihd_resources.orchestration import slides_partitions
     from mihd_assets.embeddings.assets import ALL_EMBEDDING_KEYS
     from mihd_assets.embeddings.import_cache import load_entry, scan_cache
     from mihd_assets.matrix import MATRIX
@@ -219,7 +188,9 @@ def cmd_import_embeddings(args) -> int:
             print(f"skipped {entry.path}: no asset {entry.asset_name} in the benchmark matrix "
                   f"(known: {', '.join(sorted(known))})")
             continue
-        if entry.slide_id not in registered or latest_materialization(instance, RAW_SLIDE, entry.slide_id) is None:
+        has_raw = entry.slide_id in registered and instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=RAW_SLIDE, asset_partitions=[entry.slide_id]), limit=1).records
+        if not has_raw:
             print(f"FAILED {entry.path}: slide {entry.slide_id!r} has no raw_slide materialization to align the "
                   "spots with; run `mihd materialize --partition <slide>` first", file=sys.stderr)
             failures += 1
@@ -248,7 +219,7 @@ def cmd_import_embeddings(args) -> int:
                 "dims": int(embedding.values.shape[1]),
                 "n_spots": int(embedding.values.shape[0]),
             },
-            tags={CODE_VERSION_TAG: graph.get(key).code_version, "mihd/imported": "true"},
+            tags={"dagster/code_version": graph.get(key).code_version, "mihd/imported": "true"},
         ))
         imported += 1
         print(f"imported {entry.path} -> {key.to_user_string()} [{entry.slide_id}] {embedding.values.shape} "
@@ -265,17 +236,14 @@ def cmd_demo(args) -> int:
     if os.environ.get("MIHD_DATA_ROOT"):
         print("MIHD_DATA_ROOT is set; `mihd demo` runs on the embedded demo data only - unset it", file=sys.stderr)
         return 2
+    from dagster_project.families import family_demo_writers
+
     started = time.perf_counter()
     cmd_demo_data(argparse.Namespace(slides=DEMO_SLIDES))
-    code = cmd_materialize(argparse.Namespace(partition=None, dry_run=False, verbose=args.verbose, only=None))
-    from dagster_project.families import family_demos
-
-    for name, run_demo in family_demos():
+    for name, write in family_demo_writers():
         family_started = time.perf_counter()
-        print(f"\n== {name} ==", flush=True)
-        failures = run_demo(_instance(), verbose=args.verbose)
-        print(f"{name}: {failures} failure(s), {time.perf_counter() - family_started:.1f} s", flush=True)
-        code = code or (1 if failures else 0)
+        print(f"{name}: {write()} ({time.perf_counter() - family_started:.1f} s)", flush=True)
+    code = cmd_materialize(argparse.Namespace(partition=None, dry_run=False, verbose=args.verbose, only=None))
     home = settings.mihd_home()
     print(
         f"\nDemo finished in {time.perf_counter() - started:.1f} s (profile: {settings.profile()}).\n"
@@ -303,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
     p.add_argument("--verbose", action="store_true", help="show Dagster's INFO logs")
     p.add_argument("--only", action="append", metavar="GROUP",
-                   help="only assets of this group (slides, embeddings, fusion, clustering, evaluation, reports); repeatable")
+                   help="only assets of this group (slides, embeddings, fusion, clustering, evaluation, reports, geometry, segmentation); repeatable")
     p.set_defaults(fn=cmd_materialize)
     p = sub.add_parser("sql", help="run read-only SQL on the metrics database")
     p.add_argument("query", nargs="?")

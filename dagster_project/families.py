@@ -1,9 +1,9 @@
-"""The research families beyond the slide pipeline, as the platform sees them.
+"""The research families merged into the platform's Definitions, and their demo-data writers.
 
-Each family package (``mihd_assets.<family>``) exposes a ``definitions.py`` with a
-``Definitions`` object (its assets, jobs, sensors, schedules) and a ``demo.py`` with
-``run_demo(instance, verbose) -> int`` (number of failures) that writes the family's
-demo data and materializes it. Adding a family = one line in each list below.
+Each family (``mihd_assets.<family>``) exposes a ``definitions.py`` with a ``Definitions``
+object (its assets, sources, jobs, sensors) and, when it has demo data of its own, a
+``demo.py`` with ``write_demo_data() -> str`` (a one-line summary). `mihd demo` writes every
+family's data, then materializes everything through the same planner as `mihd materialize`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,13 @@ from typing import Callable
 
 from dagster import Definitions
 
-# (module with `defs`, module with `run_demo`) per family, in demo order.
-FAMILIES: list[tuple[str, str]] = [
-    ("mihd_assets.geometry.definitions", "mihd_assets.geometry.demo"),
-    ("mihd_assets.segmentation.definitions", "mihd_assets.segmentation.demo"),
-]
+FAMILY_DEFINITIONS = ["mihd_assets.geometry.definitions", "mihd_assets.segmentation.definitions"]
+FAMILY_DEMOS = ["mihd_assets.segmentation.demo"]  # geometry trains on the demo slides
 
 
 def family_definitions() -> list[Definitions]:
-    return [importlib.import_module(defs_module).defs for defs_module, _ in FAMILIES]
+    return [importlib.import_module(module).defs for module in FAMILY_DEFINITIONS]
 
 
-def family_demos() -> list[tuple[str, Callable[..., int]]]:
-    return [(demo_module, importlib.import_module(demo_module).run_demo) for _, demo_module in FAMILIES]
+def family_demo_writers() -> list[tuple[str, Callable[[], str]]]:
+    return [(module, importlib.import_module(module).write_demo_data) for module in FAMILY_DEMOS]

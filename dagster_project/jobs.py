@@ -1,31 +1,26 @@
-"""Asset jobs: one per partitioning, so each run targets one slide (or donor)."""
+"""Asset jobs: one per partitioning (each run targets one slide), and the slide files' observation."""
 
 from __future__ import annotations
 
 from dagster import AssetsDefinition, AssetSelection, define_asset_job
 
-from .partitions import slides_partitions
+from mihd_assets.slides.assets import SLIDE_FILES
+from mihd_resources.orchestration import slides_partitions
 
 SLIDE_JOB_NAME = "slide_assets_job"
-
-
-def slide_partitioned(assets: list[AssetsDefinition]) -> list[AssetsDefinition]:
-    return [a for a in assets if a.partitions_def == slides_partitions]
+REPORT_JOB_NAME = "slide_reports_job"
+OBSERVE_SLIDES_JOB_NAME = "slides_observe_sources_job"
 
 
 def build_slide_job(assets: list[AssetsDefinition]):
     """Every slide-partitioned asset, whatever its family (slides, embeddings, fusion, ...)."""
-    keys = [k for a in slide_partitioned(assets) for k in a.keys]
+    keys = [k for a in assets if a.partitions_def == slides_partitions for k in a.keys]
     return define_asset_job(
         SLIDE_JOB_NAME,
         selection=AssetSelection.assets(*keys),
         partitions_def=slides_partitions,
-        description="Every slide-partitioned asset for one slide per run; runs skip fresh assets "
-        "when launched by the backfill schedule.",
+        description="Every slide-partitioned asset for one slide per run.",
     )
-
-
-REPORT_JOB_NAME = "slide_reports_job"
 
 
 def build_report_job(assets: list[AssetsDefinition]):
@@ -34,5 +29,13 @@ def build_report_job(assets: list[AssetsDefinition]):
     return define_asset_job(
         REPORT_JOB_NAME,
         selection=AssetSelection.assets(*keys),
-        description="Cross-slide summaries (benchmark report); run after the slide job.",
+        description="Cross-slide summaries (benchmark report).",
     )
+
+
+observe_slides_job = define_asset_job(
+    OBSERVE_SLIDES_JOB_NAME,
+    selection=[SLIDE_FILES],
+    description="Observes every registered slide folder; a changed fingerprint is a new data version of "
+    "`slides/slide_files` and makes that slide's `raw_slide` unsynced.",
+)

@@ -1,4 +1,5 @@
-"""Slide discovery: every valid slide folder under the data root becomes a partition."""
+"""Slide discovery: every valid slide folder under the data root becomes a partition, and a
+changed folder is observed (a new data version of ``slides/slide_files``)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from dagster import (
     SensorResult,
     sensor,
 )
+from dagster._core.definitions.data_version import extract_data_version_from_entry
 
+from mihd_assets.slides.assets import SLIDE_FILES, slide_input_fingerprint
 from mihd_resources import StorageResource
+from mihd_resources.orchestration import slides_partitions
 
-from .jobs import SLIDE_JOB_NAME
-from .partitions import slides_partitions
+from .jobs import observe_slides_job
 
 
 def discover_slides(storage: StorageResource, instance: DagsterInstance) -> tuple[list[str], list[str]]:
@@ -24,21 +27,39 @@ def discover_slides(storage: StorageResource, instance: DagsterInstance) -> tupl
     return [k for k in valid if k not in known], refused
 
 
+def changed_slides(storage: StorageResource, instance: DagsterInstance, slides: list[str]) -> list[str]:
+    """Slides whose folder fingerprint differs from the last observed data version of their files."""
+    changed = []
+    for slide in slides:
+        if not storage.slide_folder(slide).is_dir():
+            continue
+        record = instance.get_latest_data_version_record(SLIDE_FILES, is_source=True, partition_key=slide)
+        version = extract_data_version_from_entry(record.event_log_entry) if record else None
+        if version is None or version.value != slide_input_fingerprint(storage, slide):
+            changed.append(slide)
+    return changed
+
+
 @sensor(
-    job_name=SLIDE_JOB_NAME,
+    job=observe_slides_job,
     minimum_interval_seconds=60,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Registers each new slide folder under the data root as a `slides` partition "
-    "and requests its first materialization. Folder names that are not valid keys are refused.",
+    description="Registers each new slide folder under the data root as a `slides` partition (folder "
+    "names that are not valid keys are refused) and observes `slides/slide_files` when a folder is new or "
+    "changed. The automation sensor then requests what became missing or unsynced.",
 )
 def slide_discovery_sensor(context: SensorEvaluationContext, storage: StorageResource):
     new, refused = discover_slides(storage, context.instance)
     for message in refused:
         context.log.warning(f"refused slide folder: {message}")
-    if not new:
-        return SensorResult(skip_reason=f"no new slides under {storage.slides_root}")
-    context.log.info(f"registering {len(new)} new slide partition(s): {new}")
+    registered = list(context.instance.get_dynamic_partitions(slides_partitions.name))
+    changed = changed_slides(storage, context.instance, registered + new)
+    if not changed:
+        return SensorResult(skip_reason=f"no new or changed slides under {storage.slides_root}")
+    if new:
+        context.log.info(f"registering {len(new)} new slide partition(s): {new}")
+    context.log.info(f"observing slide files of {changed}")
     return SensorResult(
-        run_requests=[RunRequest(partition_key=k, run_key=f"discovered:{k}") for k in new],
-        dynamic_partitions_requests=[slides_partitions.build_add_request(new)],
+        run_requests=[RunRequest(run_key=None, tags={"mihd/reason": f"slide files new or changed: {', '.join(changed)}"})],
+        dynamic_partitions_requests=[slides_partitions.build_add_request(new)] if new else [],
     )

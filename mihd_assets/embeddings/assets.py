@@ -20,9 +20,9 @@ from dagster import (
     asset,
 )
 
-from dagster_project.asset_helpers import run_record_metadata, throttled_log
-from dagster_project.k8s import GPU_POOL, gpu_op_tags
-from dagster_project.partitions import slides_partitions
+from mihd_resources.orchestration import run_record_metadata, throttled_log
+from mihd_resources.orchestration import GPU_POOL, gpu_op_tags
+from mihd_resources.orchestration import slides_partitions
 from mihd_assets.matrix import MATRIX
 from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key, require_tissue_check
 from mihd_resources import ComputeResource, MetricsStore, settings

@@ -2,7 +2,8 @@
 
 Lineage: ``embeddings/*`` -> ``fusion/<method>__<gene>__<vision>`` (fused embeddings) ->
 ``clustering/<representation>__<method>`` (raw + refined labels) ->
-``evaluation/clustering_metrics`` (DuckDB) -> ``reports/*``. Image-only methods go from a
+``evaluation/clustering_metrics/<representation>__<method>`` (its DuckDB rows, one asset per
+clustering so any subset of the matrix can be scored on its own) -> ``reports/*``. Image-only methods go from a
 vision embedding straight to ``clustering/image_only__<method>__<vision>``.
 """
 
@@ -23,9 +24,9 @@ from dagster import (
     asset,
 )
 
-from dagster_project.asset_helpers import run_record_metadata, throttled_log
-from dagster_project.k8s import GPU_POOL, gpu_op_tags
-from dagster_project.partitions import slides_partitions
+from mihd_resources.orchestration import run_record_metadata, throttled_log
+from mihd_resources.orchestration import GPU_POOL, gpu_op_tags
+from mihd_resources.orchestration import slides_partitions
 from mihd_assets.embeddings.assets import gene_key, vision_key
 from mihd_assets.embeddings.store import SpotEmbedding
 from mihd_assets.matrix import MATRIX, cluster_count
@@ -164,7 +165,7 @@ def _fusion_factory(method: str, gene: str, vision: str):
     kinds={"pytorch"},
 )
 def staig_fusion_embedding(context: AssetExecutionContext, compute: ComputeResource, pre, vision):
-    """STAIG-equivalent fusion (SPEC 4.2): the 3,000-HVG matrix of the `staig` preset on a
+    """STAIG-equivalent fusion with STAIG's published configuration: the 3,000-HVG matrix of the `staig` preset on a
     k=5 spatial graph, image-distance-driven edge dropping, pseudo-label-debiased
     contrastive loss (k=80, tau=35), 300 epochs; the image embedding is standardized once."""
     from .staig import StaigConfig, staig_fusion
@@ -379,53 +380,73 @@ def _dimensions(info: dict) -> dict:
     return {"representation": rep, "kind": kind, "fusion_method": fusion, "gene_encoder": gene, "vision": vision}
 
 
-@asset(
-    key=AssetKey(["evaluation", "clustering_metrics"]),
-    ins={"__".join(k.path[1:]): AssetIn(key=k) for k in ALL_CLUSTERING_KEYS} | {"raw": AssetIn(key=RAW_SLIDE)},
-    group_name="evaluation",
-    partitions_def=slides_partitions,
-    pool=DUCKDB_WRITER_POOL,
-    code_version="1",
-    kinds={"python", "duckdb"},
-)
-def clustering_metrics(context: AssetExecutionContext, metrics: MetricsStore, raw, **labels) -> MaterializeResult:
-    """DuckDB `clustering_metrics`: ARI, NMI, homogeneity, completeness against the slide's
-    truth labels, and spatial continuity (CHAOS, PAS), for every clustering of this slide,
-    raw and refined, keyed by every matrix dimension. Slides without truth labels keep
-    their clusterings and get CHAOS/PAS with the skipped reason recorded."""
+def metrics_key(clustering: AssetKey) -> AssetKey:
+    """``clustering/<name>`` -> ``evaluation/clustering_metrics/<name>``."""
+    return AssetKey(["evaluation", "clustering_metrics", clustering.path[-1]])
+
+
+def clustering_metric_rows(slide_id: str, raw, stored) -> tuple[list[dict], bool]:
+    """DuckDB rows of one clustering of one slide (raw and refined), and whether truth labels exist."""
     from .metrics import agreement, chaos, pas
 
-    slide_id = context.partition_key
     has_truth = bool("truth" in raw.obs and raw.obs["truth"].notna().any())
-    truth_by_spot = raw.obs["truth"] if has_truth else None
-    if not has_truth:
-        context.log.warning(f"slide {slide_id}: no truth labels; ARI/NMI skipped, CHAOS/PAS still computed")
+    info = stored.info
+    coords = _coords_for(raw, stored.obs_names)
     rows = []
-    for stored in labels.values():
-        info = stored.info
-        coords = _coords_for(raw, stored.obs_names)
-        for refinement, values in (("none", stored.labels), (f"majority_k{info['refine_k']}", stored.refined)):
-            row = {
-                "slide_id": slide_id, **_dimensions(info),
-                "clustering_method": info["clustering_method"],
-                "clustering_method_used": info["clustering_method_used"],
-                "refinement": refinement, "n_clusters": info["n_clusters"],
-                "n_clusters_source": info["n_clusters_source"], "n_spots": len(stored.obs_names),
-                "chaos": chaos(values, coords), "pas": pas(values, coords),
-                "weights": info.get("weights"), "profile": info.get("profile"),
-            }
-            if has_truth:
-                row.update(agreement(truth_by_spot.loc[stored.obs_names].to_numpy(), values))
-                row["metrics_status"] = "ok"
-            else:
-                row.update({"ari": None, "nmi": None, "homogeneity": None, "completeness": None, "n_labelled": 0,
-                            "metrics_status": "skipped: slide has no truth labels"})
-            rows.append(row)
-    written = metrics.write(context, {"clustering_metrics": rows})
-    best = max((r for r in rows if r["ari"] is not None), key=lambda r: r["ari"], default=None)
-    return MaterializeResult(metadata={
-        "rows_written": MetadataValue.json(written),
-        "truth_labels": has_truth,
-        **({"best": f"{best['representation']} {best['clustering_method']} {best['refinement']}: ARI {best['ari']:.3f}"}
-           if best else {}),
-    })
+    for refinement, values in (("none", stored.labels), (f"majority_k{info['refine_k']}", stored.refined)):
+        row = {
+            "slide_id": slide_id, **_dimensions(info),
+            "clustering_method": info["clustering_method"],
+            "clustering_method_used": info["clustering_method_used"],
+            "refinement": refinement, "n_clusters": info["n_clusters"],
+            "n_clusters_source": info["n_clusters_source"], "n_spots": len(stored.obs_names),
+            "chaos": chaos(values, coords), "pas": pas(values, coords),
+            "weights": info.get("weights"), "profile": info.get("profile"),
+        }
+        if has_truth:
+            row.update(agreement(raw.obs["truth"].loc[stored.obs_names].to_numpy(), values))
+            row["metrics_status"] = "ok"
+        else:
+            row.update({"ari": None, "nmi": None, "homogeneity": None, "completeness": None, "n_labelled": 0,
+                        "metrics_status": "skipped: slide has no truth labels"})
+        rows.append(row)
+    return rows, has_truth
+
+
+def _metrics_factory(clustering: AssetKey):
+    key = metrics_key(clustering)
+
+    @asset(
+        key=key,
+        ins={"labels": AssetIn(key=clustering), "raw": AssetIn(key=RAW_SLIDE)},
+        group_name="evaluation",
+        partitions_def=slides_partitions,
+        pool=DUCKDB_WRITER_POOL,
+        code_version="1",
+        kinds={"python", "duckdb"},
+        description=(
+            f"DuckDB `clustering_metrics` rows of `{clustering.to_user_string()}` on one slide: ARI, NMI, "
+            "homogeneity, completeness against the truth labels and spatial continuity (CHAOS, PAS), raw and "
+            "refined, keyed by every matrix dimension. Slides without truth labels get CHAOS/PAS and the "
+            "skipped reason."
+        ),
+    )
+    def _asset(context: AssetExecutionContext, metrics: MetricsStore, labels, raw) -> MaterializeResult:
+        slide_id = context.partition_key
+        rows, has_truth = clustering_metric_rows(slide_id, raw, labels)
+        if not has_truth:
+            context.log.warning(f"slide {slide_id}: no truth labels; ARI/NMI of {clustering.path[-1]} skipped, "
+                                "CHAOS/PAS still computed")
+        written = metrics.write(context, {"clustering_metrics": rows})
+        return MaterializeResult(metadata={
+            "rows_written": MetadataValue.json(written),
+            "truth_labels": has_truth,
+            **{f"ari_{r['refinement']}": float(r["ari"]) for r in rows if r["ari"] is not None},
+            **{f"nmi_{r['refinement']}": float(r["nmi"]) for r in rows if r["nmi"] is not None},
+        })
+
+    return _asset
+
+
+clustering_metrics = [_metrics_factory(k) for k in ALL_CLUSTERING_KEYS]
+ALL_METRICS_KEYS = [a.key for a in clustering_metrics]

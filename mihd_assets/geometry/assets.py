@@ -24,8 +24,8 @@ from dagster import (
     asset,
 )
 
-from dagster_project.k8s import GPU_POOL, gpu_op_tags
-from dagster_project.asset_helpers import run_record_metadata
+from mihd_resources.orchestration import GPU_POOL, gpu_op_tags
+from mihd_resources.orchestration import run_record_metadata
 from mihd_assets.embeddings.assets import gene_key
 from mihd_assets.fileio import atomic_write_text, file_sha256
 from mihd_assets.slides.assets import RAW_SLIDE, require_tissue_check
@@ -272,7 +272,7 @@ def geometry_evaluation(context: AssetExecutionContext, compute: ComputeResource
     description=(
         "Writes DuckDB `geometry_metrics` (per checkpoint, slide, method and sigma bin) and "
         "`geometry_training_runs` (step, losses, sigma_data, device, seconds of the checkpoint); "
-        "views `geometry_scale_by_sigma` (seed 003's per-sigma table) and `geometry_methods_latest`."
+        "views `geometry_scale_by_sigma` (scale ratio and Jaccard@10 of the one-step denoiser per noise bin) and `geometry_methods_latest`."
     ),
 )
 def geometry_metrics(context: AssetExecutionContext, store: GeometryStore, metrics: MetricsStore) -> MaterializeResult:

@@ -5,17 +5,14 @@ import base64
 import numpy as np
 from dagster import AssetExecutionContext, AssetIn, AssetKey, MaterializeResult, MetadataValue, asset
 
-from dagster_project.partitions import slides_partitions
+from mihd_resources.orchestration import slides_partitions
 from mihd_assets.fileio import atomic_write_bytes, atomic_write_text
-from mihd_assets.fusion.assets import ALL_CLUSTERING_KEYS
+from mihd_assets.fusion.assets import ALL_CLUSTERING_KEYS, ALL_METRICS_KEYS
 from mihd_assets.slides.assets import RAW_SLIDE
 from mihd_resources import MetricsStore, settings
 
 from .benchmark import benchmark_html
 from .figures import slide_panels_png
-
-CLUSTERING_METRICS = AssetKey(["evaluation", "clustering_metrics"])
-
 
 def _display_image(raw, slide_id: str) -> tuple[np.ndarray | None, float]:
     """The stored hires (else lowres) image and its scale factor."""
@@ -68,7 +65,7 @@ def slide_figures(context: AssetExecutionContext, raw, **labels) -> MaterializeR
 
 @asset(
     key=AssetKey(["reports", "benchmark_report"]),
-    deps=[CLUSTERING_METRICS],
+    deps=ALL_METRICS_KEYS,
     group_name="reports",
     code_version="1",
     kinds={"plotly", "duckdb"},

@@ -46,7 +46,7 @@ def benchmark_html(frame: pd.DataFrame, title: str = "MIHD benchmark") -> str:
     import plotly.io as pio
 
     if frame.empty:
-        raise ValueError("no clustering metrics with truth labels to report; materialize evaluation/clustering_metrics first")
+        raise ValueError("no clustering metrics with truth labels to report; materialize the evaluation/clustering_metrics/* assets first")
     charts = [pio.to_html(benchmark_figure(frame, m), full_html=False, include_plotlyjs=(i == 0),
                           div_id=f"chart-{m}") for i, m in enumerate(("ari", "nmi"))]
     flags = []

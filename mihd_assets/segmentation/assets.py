@@ -25,14 +25,14 @@ from dagster import (
     asset,
 )
 
-from dagster_project.asset_helpers import throttled_log
-from dagster_project.k8s import GPU_POOL, gpu_op_tags
+from mihd_resources.orchestration import throttled_log
+from mihd_resources.orchestration import GPU_POOL, gpu_op_tags
 from mihd_assets.fileio import atomic_write_bytes, atomic_write_text, file_sha256, tree_fingerprint
 from mihd_resources import ComputeResource, MetricsStore, settings
 from mihd_resources.metrics_store import DUCKDB_WRITER_POOL, read_only_query
 from mihd_resources.weights import ModelWeightsResource
 
-from .partitions import donors_partitions
+from .partitions import ANNOTATIONS, CLINICAL, DONOR_TILES, donors_partitions
 from .plan import FINE_TUNED, MODELS, plan_for_profile
 from .split import SPLITS, AnnotatedImage, CellposeSet, donor_split, find_annotations, load_annotated
 from .tiles import TilePair, annotations_root, marker_of
@@ -100,7 +100,7 @@ E0_SPLIT = seg_key("e0_donor_split")
 
 
 @asset(
-    key=E0_SPLIT, group_name=GROUP, pool=DUCKDB_WRITER_POOL, code_version="1", kinds={"python", "duckdb"},
+    key=E0_SPLIT, deps=[ANNOTATIONS, DONOR_TILES], group_name=GROUP, pool=DUCKDB_WRITER_POOL, code_version="1", kinds={"python", "duckdb"},
     description="E0: donor-level train/val/test split of the annotated tiles (no donor in two splits), "
     "written to split.json and DuckDB `segmentation_split`; split sizes in metadata.",
 )
@@ -526,7 +526,7 @@ def donor_counts_path(donor: str) -> Path:
 
 
 @asset(
-    key=E5_COUNTS, deps=[BASELINE, checkpoint_key("generic")], partitions_def=donors_partitions, group_name=GROUP,
+    key=E5_COUNTS, deps=[DONOR_TILES, BASELINE, checkpoint_key("generic")], partitions_def=donors_partitions, group_name=GROUP,
     pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="2", kinds={"pytorch", "cellpose"},
     check_specs=[AssetCheckSpec(SKIPPED_CHECK, asset=E5_COUNTS, description="Warns when tiles of the donor were skipped (missing channel, unreadable TIFF)."),
                  _weights_spec(E5_COUNTS)],
@@ -611,7 +611,7 @@ E5_STATS = seg_key("e5_donor_statistics")
 
 
 @asset(
-    key=E5_STATS, deps=[E5_COUNTS], group_name=GROUP, pool=DUCKDB_WRITER_POOL, code_version="1", kinds={"python", "duckdb", "scipy"},
+    key=E5_STATS, deps=[E5_COUNTS, CLINICAL], group_name=GROUP, pool=DUCKDB_WRITER_POOL, code_version="1", kinds={"python", "duckdb", "scipy"},
     description="E5 donor-level statistics over every donor with tile counts: donor ratio = sum(positive)/sum(cells), "
     "Spearman vs the eight outcomes with BH-FDR (missing codes dropped and counted), tile-bootstrap CI and sign "
     "consistency; baseline and fine-tuned side by side in `donor_ratios`, `e5_spearman`, `e5_bootstrap`.",

@@ -1,14 +1,15 @@
-"""The segmentation family's Definitions: E0-E5 assets, their jobs and the donor sensor."""
+"""The segmentation family's Definitions: E0-E5 assets, their input sources, jobs and the donor sensor."""
 
 from __future__ import annotations
 
 from dagster import AssetSelection, Definitions, define_asset_job, load_assets_from_modules
 
 from . import assets as segmentation_assets
-from .partitions import E5_DONOR_JOB_NAME, donor_discovery_sensor, donors_partitions
+from .partitions import SOURCES, donor_discovery_sensor, donors_partitions, observe_sources_job
 
 BENCHMARK_JOB_NAME = "segmentation_benchmark_job"
 SUMMARY_JOB_NAME = "segmentation_summary_job"
+E5_DONOR_JOB_NAME = "segmentation_e5_donor_job"
 
 all_assets = load_assets_from_modules([segmentation_assets])
 E5_DONOR_KEYS = [segmentation_assets.E5_COUNTS, segmentation_assets.seg_key("e5_tile_counts_metrics")]
@@ -30,4 +31,8 @@ summary_job = define_asset_job(
     description="E5 donor-level statistics over every donor with counts, then the E1-E5 report.",
 )
 
-defs = Definitions(assets=all_assets, jobs=[benchmark_job, e5_donor_job, summary_job], sensors=[donor_discovery_sensor])
+defs = Definitions(
+    assets=[*SOURCES, *all_assets],
+    jobs=[benchmark_job, e5_donor_job, summary_job, observe_sources_job],
+    sensors=[donor_discovery_sensor],
+)

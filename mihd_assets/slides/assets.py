@@ -13,14 +13,16 @@ from dagster import (
     AssetIn,
     AssetKey,
     Config,
+    DataVersion,
     MaterializeResult,
     MetadataValue,
     Output,
     asset,
+    observable_source_asset,
 )
 
-from dagster_project.partitions import slides_partitions
-from mihd_assets.fileio import tree_fingerprint
+from mihd_resources.orchestration import changed_data_versions, slides_partitions
+from mihd_assets.fileio import file_sha256, tree_fingerprint
 from mihd_resources import MetricsStore, StorageResource, settings
 from mihd_resources.metrics_store import DUCKDB_WRITER_POOL
 
@@ -28,8 +30,10 @@ from .coords import check_slide_images
 from .io import read_visium_slide
 from .preprocess import PRESETS, preprocess, resolve_steps
 from .qc import slide_qc
+from .versioning import anndata_content_hash
 
 GROUP = "slides"
+SLIDE_FILES = AssetKey(["slides", "slide_files"])
 RAW_SLIDE = AssetKey(["slides", "raw_slide"])
 SPOTS_ON_TISSUE = "spots_on_tissue"
 # Presets materialized for every slide; downstream assets pick theirs by key.
@@ -52,12 +56,42 @@ def require_tissue_check(raw, slide_id: str) -> None:
 
 
 def slide_input_fingerprint(storage: StorageResource, slide_id: str) -> str:
-    """Changes whenever any file of the slide folder changes (used for staleness)."""
+    """Changes whenever a file of the slide folder changes (path, size, modification time)."""
     return tree_fingerprint(storage.slide_folder(slide_id))
+
+
+@observable_source_asset(
+    key=SLIDE_FILES,
+    group_name=GROUP,
+    partitions_def=slides_partitions,
+    description=(
+        "The files of one slide folder under the data root (counts, positions, scale factors, images, "
+        "truth). Its data version is the folder's fingerprint (every file's path, size and modification "
+        "time); a new version makes `raw_slide` of that slide unsynced. Observed by the slide discovery "
+        "sensor and by `mihd materialize`."
+    ),
+)
+def slide_files(context, storage: StorageResource):
+    registered = context.instance.get_dynamic_partitions(slides_partitions.name)
+    current = {}
+    for slide_id in registered:
+        if storage.slide_folder(slide_id).is_dir():
+            current[slide_id] = slide_input_fingerprint(storage, slide_id)
+        else:
+            context.log.warning(f"slide {slide_id}: folder {storage.slide_folder(slide_id)} is gone; not observed")
+    return changed_data_versions(context.instance, SLIDE_FILES, current)
+
+
+def raw_slide_data_version(adata, slide_id: str) -> str:
+    """The content of what was read, plus the full-resolution image file (not stored in the AnnData)."""
+    paths = dict(adata.uns["spatial"][slide_id]["metadata"]["image_paths"])
+    parts = [anndata_content_hash(adata)] + [file_sha256(paths[name]) for name in sorted(paths) if name == "fullres"]
+    return "-".join(p[:20] for p in parts)
 
 
 @asset(
     key=RAW_SLIDE,
+    deps=[SLIDE_FILES],
     group_name=GROUP,
     partitions_def=slides_partitions,
     io_manager_key="anndata_io_manager",
@@ -83,6 +117,9 @@ def raw_slide(context: AssetExecutionContext, storage: StorageResource):
     full-resolution pixels (x = column, y = row); `uns["spatial"][slide]` the scale factors,
     the hires/lowres images and the paths of every source file. The blocking check
     `spots_on_tissue` stops downstream assets when the coordinates miss the tissue.
+
+    Its data version is a hash of the content read, so a touched but unchanged file re-runs
+    this asset only: downstream assets stay in sync.
     """
     slide_id = context.partition_key
     folder = storage.slide_folder(slide_id)
@@ -94,8 +131,10 @@ def raw_slide(context: AssetExecutionContext, storage: StorageResource):
     adata.uns["mihd_checks"] = {SPOTS_ON_TISSUE: {"passed": passed, "images": {c.image: c.as_dict() for c in checks}}}
     info = adata.uns["spatial"][slide_id]
     meta = info["metadata"]
+    content = raw_slide_data_version(adata, slide_id)
     yield Output(
         adata,
+        data_version=DataVersion(content),
         metadata={
             "slide_id": slide_id,
             "n_spots": adata.n_obs,
@@ -107,6 +146,7 @@ def raw_slide(context: AssetExecutionContext, storage: StorageResource):
             "truth_source": meta["truth_source"],
             "n_labelled": int(adata.obs["truth"].notna().sum()) if "truth" in adata.obs else 0,
             "input_fingerprint": fingerprint,
+            "content_hash": content,
             "profile": settings.profile(),
             "tissue_check_passed": passed,
             "seconds": round(time.perf_counter() - started, 3),
@@ -259,3 +299,8 @@ def slide_qc_metrics(
             **{k: v for k, v in qc.items() if v is not None},
         }
     )
+
+
+# Assets whose blocking check gates everything downstream of them, with the metadata entry
+# that records the check's outcome on each materialization.
+BLOCKING_GATES = {RAW_SLIDE: "tissue_check_passed"}
