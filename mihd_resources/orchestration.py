@@ -79,10 +79,14 @@ def nightly_condition(cron: str = NIGHTLY_CRON, window_end_cron: str = NIGHTLY_W
         | AutomationCondition.newly_updated()
         | AutomationCondition.cron_tick_passed(window_end_cron, timezone)
     ).with_label(f"nightly window ({cron} until {window_end_cron} {timezone})")
+    # A dependency's new *data version*, not merely a new materialization: a parent re-run on
+    # unchanged content leaves its children alone, and children are requested only after their
+    # parent has run (the next evaluation), exactly when Dagster marks them unsynced.
+    new_upstream_data = AutomationCondition.any_deps_match(AutomationCondition.data_version_changed())
     changed = (
         AutomationCondition.missing()
-        | (AutomationCondition.code_version_changed() | AutomationCondition.any_deps_updated()).since_last_handled()
-    ).with_label("missing, new code version or new upstream data")
+        | (AutomationCondition.code_version_changed() | new_upstream_data).since_last_handled()
+    ).with_label("missing, new code version or new upstream data version")
     return ((new | (in_window & changed)) & ready).with_label("nightly backfill")
 
 

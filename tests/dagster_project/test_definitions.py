@@ -1,14 +1,11 @@
-"""The Definitions load, every asset is documented, the sensor and schedule behave."""
+"""The Definitions load, every asset is documented, the sensors and automation behave."""
 
-from datetime import datetime, timezone
+from dagster import AssetKey, DagsterInstance, build_sensor_context
 
-from dagster import AssetKey, DagsterInstance, build_schedule_context, build_sensor_context
-
-from dagster_project.definitions import defs
-from dagster_project.partitions import slides_partitions
-from dagster_project.schedules import slide_backfill_schedule
+from dagster_project.definitions import AUTOMATION_SENSOR_NAME, defs
 from dagster_project.sensors import slide_discovery_sensor
 from mihd_resources import StorageResource
+from mihd_resources.orchestration import slides_partitions
 
 EXPECTED_ASSETS = {
     "slides/raw_slide",
@@ -20,9 +17,10 @@ EXPECTED_ASSETS = {
     "clustering/gene_pca__mclust",
     "clustering/staig_fusion__hvg__uni2_staig_strict__mclust",
     "clustering/image_only__scan__uni2_standard",
-    "evaluation/clustering_metrics",
+    "evaluation/clustering_metrics/gene_pca__mclust",
     "reports/slide_figures",
 }
+SOURCES = {"slides/slide_files", "segmentation/donor_tiles", "segmentation/annotations", "segmentation/clinical_outcomes"}
 # Per-slide work stays partitioned by slide; families that summarise or learn across slides
 # or donors (geometry, reports, ...) may be unpartitioned and read partitions through mappings.
 PER_SLIDE_GROUPS = {"slides", "embeddings"}
@@ -48,10 +46,14 @@ def test_asset_keys_snapshot_and_documentation():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert EXPECTED_ASSETS <= keys
+    assert SOURCES <= keys
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.description and len(node.description) > 40, key
         assert node.group_name, key
+        if key.to_user_string() in SOURCES:
+            assert node.is_observable and not node.is_materializable, key
+            continue
         assert node.code_version, key
         assert node.kinds, key
         if node.group_name in PER_SLIDE_GROUPS:
@@ -65,8 +67,10 @@ def test_blocking_check_on_raw_slide():
     assert graph.get(AssetKey(["slides", "slide_qc_metrics"])).pools == {"duckdb_writer"}
 
 
-def test_sensor_registers_valid_and_refuses_invalid(tiny_slides, tmp_path):
+def test_sensor_registers_valid_refuses_invalid_and_observes_changes(tiny_slides, tmp_path):
     import shutil
+
+    from dagster_project.jobs import OBSERVE_SLIDES_JOB_NAME
 
     for name in ("demo_01", "new slide"):
         shutil.copytree(tiny_slides / "demo_01", tmp_path / name)
@@ -76,27 +80,31 @@ def test_sensor_registers_valid_and_refuses_invalid(tiny_slides, tmp_path):
         result = slide_discovery_sensor(ctx)
     (request,) = result.dynamic_partitions_requests
     assert list(request.partition_keys) == ["demo_01"]
-    assert [r.partition_key for r in result.run_requests] == ["demo_01"]
+    (run,) = result.run_requests
+    assert "demo_01" in run.tags["mihd/reason"]
     instance.add_dynamic_partitions("slides", ["demo_01"])
+    observed = defs.resolve_job_def(OBSERVE_SLIDES_JOB_NAME).execute_in_process(
+        instance=instance, resources={"storage": storage})
+    assert observed.success
     with build_sensor_context(instance=instance, resources={"storage": storage}) as ctx:
         again = slide_discovery_sensor(ctx)
     assert not again.run_requests and not again.dynamic_partitions_requests
+    # A changed file is a new fingerprint: the sensor asks for an observation again.
+    (tmp_path / "demo_01" / "metadata.tsv").write_text((tmp_path / "demo_01" / "metadata.tsv").read_text() + "\n")
+    with build_sensor_context(instance=instance, resources={"storage": storage}) as ctx:
+        changed = slide_discovery_sensor(ctx)
+    assert len(changed.run_requests) == 1 and not changed.dynamic_partitions_requests
 
 
-def test_schedule_requests_runs_for_missing_partitions(tiny_slides, tmp_path):
-    instance = DagsterInstance.local_temp(str(tmp_path))
-    instance.add_dynamic_partitions("slides", ["demo_01", "demo_02"])
-    with build_schedule_context(
-        instance=instance,
-        repository_def=defs.get_repository_def(),
-        resources={"storage": StorageResource(slides_root=str(tiny_slides))},
-        scheduled_execution_time=datetime(2026, 11, 21, 2, 0, tzinfo=timezone.utc),
-    ) as ctx:
-        requests = list(slide_backfill_schedule.evaluate_tick(ctx).run_requests)
-    assert sorted(r.partition_key for r in requests) == ["demo_01", "demo_02"]
-    job = defs.resolve_job_def("slide_assets_job")
-    assert set(requests[0].asset_selection) == set(job.asset_layer.executable_asset_keys)
-    assert EXPECTED_ASSETS <= {k.to_user_string() for k in requests[0].asset_selection}
+def test_every_asset_is_under_the_nightly_automation_condition():
+    sensor = defs.resolve_sensor_def(AUTOMATION_SENSOR_NAME)
+    label = sensor.default_condition.get_label()
+    assert label == "nightly backfill"
+    graph = defs.resolve_asset_graph()
+    # No asset carries a condition of its own: the sensor's default applies to all of them.
+    assert all(graph.get(k).automation_condition is None for k in graph.get_all_asset_keys()
+               if graph.get(k).is_materializable)
+    assert not defs.schedules
 
 
 def test_lineage_shows_which_embeddings_feed_which_fusion():
@@ -106,4 +114,10 @@ def test_lineage_shows_which_embeddings_feed_which_fusion():
     staig = graph.get(AssetKey(["fusion", "staig_fusion__hvg__uni2_staig_strict"])).parent_keys
     assert staig == {AssetKey(["slides", "preprocessed_slide_staig"]), AssetKey(["embeddings", "vision_uni2_staig_strict"])}
     report = graph.get(AssetKey(["reports", "benchmark_report"]))
-    assert report.partitions_def is None and AssetKey(["evaluation", "clustering_metrics"]) in report.parent_keys
+    assert report.partitions_def is None
+    assert AssetKey(["evaluation", "clustering_metrics", "gene_pca__mclust"]) in report.parent_keys
+    raw = graph.get(AssetKey(["slides", "raw_slide"]))
+    assert raw.parent_keys == {AssetKey(["slides", "slide_files"])}
+    metrics = graph.get(AssetKey(["evaluation", "clustering_metrics", "gene_pca__mclust"]))
+    # One clustering's metrics need that clustering only, not the whole matrix.
+    assert metrics.parent_keys == {AssetKey(["clustering", "gene_pca__mclust"]), AssetKey(["slides", "raw_slide"])}
