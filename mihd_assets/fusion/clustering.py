@@ -51,7 +51,10 @@ def prepare_for_clustering(values: np.ndarray, standardize_first: bool, max_dims
     Gene embeddings are used as stored (the textbook PCA -> mclust path); vision embeddings
     get their one standardization (``standardize_first``); fusion outputs are used as
     produced. Anything wider than ``max_dims`` is reduced to ``n_pcs`` principal components
-    (mclust's EEE covariance is singular on ~1,000-d inputs)."""
+    (mclust's EEE covariance is singular on ~1,000-d inputs), by exact (ARPACK) PCA:
+    sklearn's automatic choice, randomized SVD, recovers only the leading components of a
+    flat spectrum and makes the result depend on the seed. Gene PCA embeddings (30 dims)
+    pass unchanged: no second standardization or PCA on top of the textbook path."""
     from sklearn.decomposition import PCA
 
     from . import normalize
@@ -62,9 +65,9 @@ def prepare_for_clustering(values: np.ndarray, standardize_first: bool, max_dims
         x = normalize.standardize(x)
         steps.append("standardize")
     if x.shape[1] > max_dims:
-        n = min(n_pcs, x.shape[0] - 1)
-        x = PCA(n_components=n, random_state=seed).fit_transform(x).astype(np.float32)
-        steps.append(f"pca{n} of {values.shape[1]} dims")
+        n = min(n_pcs, min(x.shape) - 1)  # ARPACK needs fewer components than either side
+        x = PCA(n_components=n, svd_solver="arpack", random_state=seed).fit_transform(x).astype(np.float32)
+        steps.append(f"pca{n} (arpack) of {values.shape[1]} dims")
     return x, " -> ".join(steps) or f"as stored ({x.shape[1]} dims)"
 
 

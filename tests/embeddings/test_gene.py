@@ -97,3 +97,36 @@ def test_embeddings_carry_the_layers(slide):
     for name, emb in (("pca", pca), ("mlp", mlp)):
         acc, majority = _knn_accuracy(emb, slide.obs["truth"])
         assert acc > 0.5 and acc > majority + 0.2, (name, acc, majority)
+
+
+def _subspace_cosine(a, b):
+    qa, _ = np.linalg.qr(a - a.mean(axis=0))
+    qb, _ = np.linalg.qr(b - b.mean(axis=0))
+    return np.linalg.svd(qa.T @ qb, compute_uv=False)
+
+
+def test_pca_is_exact_on_a_flat_spectrum_and_seed_free():
+    """Above 500 x 500, sklearn's automatic solver is randomized SVD, which recovers only the
+    leading components of a flat spectrum (like a spots x 3,000-HVG matrix) and moves with
+    the seed; the embedding must be the exact (LAPACK) PCA subspace instead."""
+    from sklearn.decomposition import PCA
+
+    adata = _random_adata(900, 700, seed=3)
+    emb, info = pca_embedding(adata, n_components=30, seed=0)
+    assert info["svd_solver"] == "arpack"
+    exact = PCA(n_components=30, svd_solver="full").fit_transform(np.asarray(adata.X, dtype=np.float64))
+    assert _subspace_cosine(emb, exact).min() > 0.999
+    other, _ = pca_embedding(adata, n_components=30, seed=1)
+    assert _subspace_cosine(emb, other).min() > 0.999
+    # What the automatic solver gives on this matrix (the previous behaviour): not exact.
+    auto = PCA(n_components=30, random_state=0).fit_transform(np.asarray(adata.X))
+    assert _subspace_cosine(auto, exact).mean() < 0.99
+
+
+def test_pca_equals_scanpys_textbook_pca(slide):
+    import scanpy as sc
+
+    ref = slide.copy()
+    sc.tl.pca(ref, n_comps=10, random_state=0)
+    emb, _ = pca_embedding(slide, n_components=10, seed=0)
+    np.testing.assert_allclose(np.abs(emb), np.abs(ref.obsm["X_pca"]), rtol=1e-3, atol=1e-3)

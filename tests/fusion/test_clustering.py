@@ -83,3 +83,33 @@ def test_metrics_agreement_and_spatial_continuity():
     scattered = rng.integers(0, 2, size=100)
     assert chaos(labels, xy) < chaos(scattered, xy)
     assert pas(labels, xy) == 0.0 and pas(scattered, xy) > 0.2
+
+
+def _subspace_cosines(a, b):
+    """Cosines of the principal angles between the column spaces of two centred matrices."""
+    qa, _ = np.linalg.qr(a - a.mean(axis=0))
+    qb, _ = np.linalg.qr(b - b.mean(axis=0))
+    return np.linalg.svd(qa.T @ qb, compute_uv=False)
+
+
+def test_prepare_for_clustering_reduces_wide_inputs_by_exact_pca_and_keeps_gene_pcs():
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(4)
+    wide = rng.normal(size=(700, 600)).astype(np.float32)  # flat spectrum, above 500 x 500
+    x, how = cl.prepare_for_clustering(wide, standardize_first=False, max_dims=64, n_pcs=30, seed=0)
+    assert x.shape == (700, 30) and how == "pca30 (arpack) of 600 dims"
+    exact = PCA(n_components=30, svd_solver="full").fit_transform(wide.astype(np.float64))
+    assert _subspace_cosines(x, exact).min() > 0.999
+    again, _ = cl.prepare_for_clustering(wide, standardize_first=False, max_dims=64, n_pcs=30, seed=7)
+    assert _subspace_cosines(again, x).min() > 0.999
+    # sklearn's automatic solver (randomized SVD here) misses part of that subspace.
+    assert _subspace_cosines(PCA(n_components=30, random_state=0).fit_transform(wide), exact).mean() < 0.99
+    # A gene PCA embedding (30 dims) reaches mclust exactly as stored: no second scaling or PCA.
+    pcs = rng.normal(size=(50, 30)).astype(np.float32) * np.linspace(5, 1, 30, dtype=np.float32)
+    same, how = cl.prepare_for_clustering(pcs, standardize_first=False, max_dims=64, n_pcs=30)
+    assert how == "as stored (30 dims)"
+    np.testing.assert_array_equal(same, pcs)
+    # Narrow but wider than max_dims: ARPACK's limit (fewer components than columns) is kept.
+    narrow, how = cl.prepare_for_clustering(rng.normal(size=(40, 12)), standardize_first=False, max_dims=8, n_pcs=30)
+    assert narrow.shape == (40, 11) and how == "pca11 (arpack) of 12 dims"

@@ -62,3 +62,39 @@ def test_non_integer_counts_rejected(raw):
     bad.layers["counts"] = bad.layers["counts"] * 0.5
     with pytest.raises(PreprocessError, match="non-negative integer counts"):
         preprocess(bad, "staig")
+
+
+def _counts_with_rare_high_expresser(n_obs=300, n_vars=60, seed=0):
+    """Poisson counts plus one gene expressed in only two spots, strongly: its z-scores
+    there exceed 10, where a max_value=10 clip would rewrite them."""
+    import anndata as ad
+    import scipy.sparse as sparse
+
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(rng.gamma(2.0, 2.0, size=n_vars), size=(n_obs, n_vars)).astype(np.float32)
+    counts[:, 0] = 0
+    counts[[5, 17], 0] = 40
+    adata = ad.AnnData(sparse.csr_matrix(counts))
+    adata.var_names = [f"g{i}" for i in range(n_vars)]
+    adata.obs_names = [f"s{i}" for i in range(n_obs)]
+    return adata
+
+
+def test_standard_preset_is_scanpys_textbook_pipeline_without_clipping():
+    raw = _counts_with_rare_high_expresser()
+    out, ran, _ = preprocess(raw, "standard")
+    assert [s.split("(")[0] for s in ran] == [
+        "filter_genes", "highly_variable_genes", "normalize_total", "log1p", "subset_highly_variable", "scale",
+    ]
+    assert ran[-1] == "scale(max_value=None, zero_center=True)"
+    assert list(out.uns["preprocess"]["steps"]) == ran
+    ref = raw.copy()
+    sc.pp.highly_variable_genes(ref, flavor="seurat_v3", n_top_genes=min(3000, ref.n_vars))
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    ref = ref[:, ref.var["highly_variable"].to_numpy()].copy()
+    sc.pp.scale(ref)
+    assert list(out.var_names) == list(ref.var_names)
+    np.testing.assert_allclose(out.X, ref.X, rtol=1e-4, atol=1e-4)
+    # The rare high expresser keeps its z-scores above 10 (no clip at max_value=10).
+    assert float(np.asarray(out[:, "g0"].X).max()) > 10
