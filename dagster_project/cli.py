@@ -85,11 +85,17 @@ def _units(defs, instance, partitions: list[str] | None, groups: list[str] | Non
     from mihd_assets.segmentation.partitions import donors_partitions
     from mihd_resources.orchestration import slides_partitions
 
+    from dagster_project.families import family_missing_inputs
+
     graph = defs.resolve_asset_graph()
+    skipped = family_missing_inputs(instance)
+    for group, reason in sorted(skipped.items()):
+        if not groups or group in groups:
+            print(f"{group}: skipped - {reason}")
     by_partitioning: dict[str | None, list] = {}
     for key in graph.toposorted_asset_keys:
         node = graph.get(key)
-        if not node.is_materializable or (groups and node.group_name not in groups):
+        if not node.is_materializable or (groups and node.group_name not in groups) or node.group_name in skipped:
             continue
         by_partitioning.setdefault(node.partitions_def.name if node.partitions_def else None, []).append(key)
     units = []

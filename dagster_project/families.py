@@ -21,5 +21,18 @@ def family_definitions() -> list[Definitions]:
     return [importlib.import_module(module).defs for module in FAMILY_DEFINITIONS]
 
 
+def family_missing_inputs(instance) -> dict[str, str]:
+    """Group name -> why that family cannot run on this instance's data (families that can are absent).
+
+    `mihd materialize` skips such a family and says why, instead of failing its assets."""
+    reasons = {}
+    for module in FAMILY_DEFINITIONS:
+        family = importlib.import_module(module)
+        reason = family.missing_inputs(instance)
+        if reason:
+            reasons[module.split(".")[1]] = reason
+    return reasons
+
+
 def family_demo_writers() -> list[tuple[str, Callable[[], str]]]:
     return [(module, importlib.import_module(module).write_demo_data) for module in FAMILY_DEMOS]

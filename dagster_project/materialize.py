@@ -13,7 +13,9 @@ blocked, not retried, until its input files change.
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
@@ -62,6 +64,26 @@ def _reason(resolver, key: AssetKey, partition: str | None) -> str:
     return "; ".join(parts) + (f" (+{len(causes) - 3} more)" if len(causes) > 3 else "")
 
 
+def describe(todo: dict[AssetKey, str], full: bool = False) -> str:
+    """``N asset(s)`` and why; long lists are summarised by reason unless ``full``."""
+    head = f"{len(todo)} asset(s)"
+    if full or len(todo) <= 6:
+        return head + ":" + "".join(f"\n    {k.to_user_string()} ({r})" for k, r in todo.items())
+    by_reason: dict[str, int] = {}
+    for reason in todo.values():
+        if reason == "missing":
+            short = "missing"
+        elif "code version" in reason:
+            short = "new code version"
+        elif "data version" in reason or "materialization" in reason:
+            short = "new upstream data"
+        else:
+            short = "dependencies changed"
+        by_reason[short] = by_reason.get(short, 0) + 1
+    return head + " (" + ", ".join(f"{n} {r}" for r, n in sorted(by_reason.items(), key=lambda x: -x[1])) + \
+        "; --dry-run lists each with its reason)"
+
+
 def _blocked(instance: DagsterInstance, graph, unit: Unit) -> str | None:
     """The failed blocking check upstream of this partition, if any (read from its gate asset)."""
     for gate, entry in BLOCKING_GATES.items():
@@ -95,15 +117,30 @@ def plan(instance: DagsterInstance, graph, units: list[Unit]) -> list[UnitPlan]:
             # Only the gate itself may re-run, and only once its inputs changed (it is unsynced).
             p.todo = {k: r for k, r in p.todo.items() if k in BLOCKING_GATES and r != "missing"}
         plans.append(p)
-    # An asset whose parent has another partitioning waits while that parent has planned work.
-    pending = {k for p in plans for k in p.todo}
+    # Children go after their parents: an asset waits while one of its ancestors is unsynced
+    # (it becomes unsynced itself only if that ancestor's data version changes), or while an
+    # ancestor of another partitioning has planned work (another run does that first).
+    stale = {(k, p.unit.partition) for p in plans for k, r in p.todo.items() if r != "missing"}
+    pending_keys = {k for p in plans for k in p.todo}
     for p in plans:
         for key in list(p.todo):
-            if any(q in pending and _partitions_name(graph, q) != p.unit.partitions_name
-                   for q in graph.get(key).parent_keys):
-                p.waiting.append(key)
-                del p.todo[key]
+            for ancestor in _ancestors(graph, key):
+                same = _partitions_name(graph, ancestor) == p.unit.partitions_name
+                if (same and (ancestor, p.unit.partition) in stale) or (not same and ancestor in pending_keys):
+                    p.waiting.append(key)
+                    del p.todo[key]
+                    break
     return plans
+
+
+def _ancestors(graph, key: AssetKey) -> set[AssetKey]:
+    found, frontier = set(), list(graph.get(key).parent_keys)
+    while frontier:
+        parent = frontier.pop()
+        if parent not in found:
+            found.add(parent)
+            frontier.extend(graph.get(parent).parent_keys)
+    return found
 
 
 def _partitions_name(graph, key: AssetKey) -> str | None:
@@ -135,17 +172,17 @@ def execute(defs, instance: DagsterInstance, units: list[Unit], *, dry_run: bool
                     echo(f"{label}: fresh, nothing to do")
                     announced_fresh.add(label)
                 continue
-            echo(f"{label}: materializing {len(p.todo)} asset(s)"
-                 + (f" (wave {wave})" if wave > 1 else "") + ": "
-                 + ", ".join(f"{k.to_user_string()} ({r})" for k, r in p.todo.items()), flush=True)
+            echo(f"{label}: materializing {describe(p.todo, full=dry_run)}" + (f" (wave {wave})" if wave > 1 else ""),
+                 flush=True)
             if dry_run:
                 continue
             started = time.perf_counter()
-            result = job.execute_in_process(
-                instance=instance, partition_key=p.unit.partition, asset_selection=list(p.todo),
-                raise_on_error=False, tags=tags,
-                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-            )
+            with heartbeat(instance, label, echo):
+                result = job.execute_in_process(
+                    instance=instance, partition_key=p.unit.partition, asset_selection=list(p.todo),
+                    raise_on_error=False, tags=tags,
+                    run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+                )
             seconds = time.perf_counter() - started
             if result.success:
                 echo(f"{label}: done in {seconds:.1f} s (run {result.run_id[:8]})", flush=True)
@@ -166,3 +203,37 @@ def execute(defs, instance: DagsterInstance, units: list[Unit], *, dry_run: bool
     else:
         echo(f"stopped after {max_waves} waves; run again to continue")
     return len(failed) + len(blocked)
+
+
+@contextmanager
+def heartbeat(instance: DagsterInstance, label: str, echo, every_s: float = 20.0):
+    """A progress line at least every ``every_s`` seconds while a run executes in this process:
+    elapsed time, steps finished, and the step running now (read from the run's event log)."""
+    from dagster import DagsterEventType
+
+    stop = threading.Event()
+    started = time.perf_counter()
+    newest = instance.get_run_records(limit=1)
+    before = newest[0].dagster_run.run_id if newest else None
+
+    def beat():
+        while not stop.wait(every_s):
+            records = instance.get_run_records(limit=1)
+            line = f"  ... {label}: {time.perf_counter() - started:.0f} s"
+            if not records or records[0].dagster_run.run_id == before:
+                echo(line, flush=True)
+                continue
+            run_id = records[0].dagster_run.run_id
+            begun = instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)
+            done = instance.all_logs(run_id, of_type={DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE})
+            finished = {e.step_key for e in done}
+            running = [e.step_key for e in begun if e.step_key not in finished]
+            echo(f"{line}, {len(finished)} step(s) done" + (f", running {running[-1]}" if running else ""), flush=True)
+
+    thread = threading.Thread(target=beat, name="mihd-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -22,3 +22,17 @@ defs = Definitions(
     jobs=[geometry_job],
     resources={"store": GeometryStore(base_dir=str(settings.storage_root()))},
 )
+
+
+def missing_inputs(instance) -> str | None:
+    """Why the geometry assets cannot run on this instance's slides, or None."""
+    from mihd_resources.orchestration import slides_partitions
+
+    from .assets import PLAN
+
+    registered = set(instance.get_dynamic_partitions(slides_partitions.name))
+    absent = [s for s in PLAN.train_slides + PLAN.heldout_slides if s not in registered]
+    if absent:
+        return (f"the geometry plan's slides {absent} are not registered slide partitions; set "
+                "MIHD_GEOMETRY_TRAIN_SLIDES / MIHD_GEOMETRY_HELDOUT_SLIDES to slides under the data root")
+    return None

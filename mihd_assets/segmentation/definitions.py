@@ -36,3 +36,12 @@ defs = Definitions(
     jobs=[benchmark_job, e5_donor_job, summary_job, observe_sources_job],
     sensors=[donor_discovery_sensor],
 )
+
+
+def missing_inputs(instance) -> str | None:
+    """Why the segmentation assets cannot run here, or None."""
+    from mihd_resources import settings
+
+    if not settings.tiles_root().is_dir():
+        return f"no tiles root at {settings.tiles_root()} (set MIHD_TILES_ROOT; `mihd demo` writes demo tiles)"
+    return None
