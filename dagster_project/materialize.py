@@ -42,7 +42,8 @@ class UnitPlan:
     unit: Unit
     todo: dict[AssetKey, str] = field(default_factory=dict)  # key -> reason
     blocked: str | None = None
-    waiting: list[AssetKey] = field(default_factory=list)  # unsynced, but upstream in another unit is planned
+    # Missing or unsynced, but an ancestor is unsynced or has planned work in another partition.
+    waiting: dict[AssetKey, str] = field(default_factory=dict)
 
 
 def _resolver(instance: DagsterInstance, graph):
@@ -127,8 +128,7 @@ def plan(instance: DagsterInstance, graph, units: list[Unit]) -> list[UnitPlan]:
             for ancestor in _ancestors(graph, key):
                 same = _partitions_name(graph, ancestor) == p.unit.partitions_name
                 if (same and (ancestor, p.unit.partition) in stale) or (not same and ancestor in pending_keys):
-                    p.waiting.append(key)
-                    del p.todo[key]
+                    p.waiting[key] = p.todo.pop(key)
                     break
     return plans
 
@@ -167,6 +167,8 @@ def execute(defs, instance: DagsterInstance, units: list[Unit], *, dry_run: bool
                     blocked[label] = p.blocked
                     echo(f"{label}: blocked - {p.blocked}")
                 continue
+            if dry_run and p.waiting:
+                echo(f"{label}: after their upstream, {describe(p.waiting, full=True)}", flush=True)
             if not p.todo:
                 if wave == 1 and not p.waiting and label not in announced_fresh:
                     echo(f"{label}: fresh, nothing to do")
@@ -193,10 +195,9 @@ def execute(defs, instance: DagsterInstance, units: list[Unit], *, dry_run: bool
                 for line in step_errors(result):
                     echo(f"    {line}", flush=True)
         if dry_run:
-            waiting = sum(len(p.waiting) for p in plans)
-            if waiting or any(p.todo for p in plans):
-                echo("(dry run: after these run, Dagster re-checks their children; "
-                     f"{waiting} asset partition(s) wait for upstream work in another partition)")
+            if any(p.todo for p in plans):
+                echo("(dry run: nothing was materialized; the sources were observed. Children of these assets "
+                     "become unsynced only if their parents' data versions change.)")
             break
         if not progressed:
             break

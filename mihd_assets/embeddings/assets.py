@@ -151,7 +151,7 @@ def _gene_factory(encoder: str):
         pool=GPU_POOL if encoder != "pca" else None,
         op_tags=gpu_op_tags() if encoder != "pca" else None,
         # PCA's output width is part of its code version (30 PCs since the fusion matrix).
-        code_version=f"2-{MATRIX.pca_components}pc" if encoder == "pca" else "1",
+        code_version=f"3-{MATRIX.pca_components}pc" if encoder == "pca" else "1",
         kinds={"pytorch"} if encoder != "pca" else {"scikitlearn"},
         check_specs=[_weights_spec(key)],
         description=(

@@ -260,7 +260,7 @@ def _clustering_factory(representation: str, upstream: AssetKey, kind: str, meth
         group_name="clustering",
         partitions_def=slides_partitions,
         io_manager_key="labels_io_manager",
-        code_version="1",
+        code_version="2",
         kinds={"r", "python"} if method == "mclust" else {"python"},
         check_specs=[_method_check(key)],
         description=(

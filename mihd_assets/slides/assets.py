@@ -38,6 +38,8 @@ RAW_SLIDE = AssetKey(["slides", "raw_slide"])
 SPOTS_ON_TISSUE = "spots_on_tissue"
 # Presets materialized for every slide; downstream assets pick theirs by key.
 MATERIALIZED_PRESETS = ("standard", "staig")
+# Bumped when a preset's steps change: standard 2 = scale without clipping (as scanpy's textbook path).
+PRESET_CODE_VERSIONS = {"standard": "2", "staig": "1"}
 
 
 def preprocessed_key(preset: str) -> AssetKey:
@@ -95,7 +97,7 @@ def raw_slide_data_version(adata, slide_id: str) -> str:
     group_name=GROUP,
     partitions_def=slides_partitions,
     io_manager_key="anndata_io_manager",
-    code_version="1",
+    code_version="2",
     kinds={"python", "anndata"},
     check_specs=[
         AssetCheckSpec(
@@ -187,7 +189,7 @@ def _preprocessed_factory(preset: str):
         group_name=GROUP,
         partitions_def=slides_partitions,
         io_manager_key="anndata_io_manager",
-        code_version="1",
+        code_version=PRESET_CODE_VERSIONS[preset],
         kinds={"python", "anndata", "scanpy"},
         check_specs=[
             AssetCheckSpec(

@@ -3,7 +3,7 @@
 import yaml
 from dagster_k8s.job import get_user_defined_k8s_config
 
-from dagster_project.k8s import gpu_op_tags
+from mihd_resources.orchestration import gpu_op_tags
 from tests.conftest import REPO
 
 

@@ -55,8 +55,13 @@ def test_second_run_recomputes_nothing_and_sql_cli_reads(materialized_home):
     runs_before = len(instance.get_run_records())
     result = run_cli(["materialize"], materialized_home)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("fresh, nothing to do") == 2
-    assert len(_instance(materialized_home).get_run_records()) == runs_before
+    assert "demo_01: fresh, nothing to do" in result.stdout and "demo_02: fresh, nothing to do" in result.stdout
+    assert "(unpartitioned): fresh, nothing to do" in result.stdout
+    # Only the observation runs of the input sources; nothing was materialized.
+    records = _instance(materialized_home).get_run_records()  # newest first
+    new_runs = [r.dagster_run for r in records[: len(records) - runs_before]]
+    assert new_runs
+    assert all(r.job_name.endswith("observe_sources_job") for r in new_runs), [r.job_name for r in new_runs]
     out = run_cli(["sql", "SELECT slide_id, n_spots FROM slide_qc_latest ORDER BY slide_id"], materialized_home)
     assert out.returncode == 0 and "demo_01" in out.stdout and "(2 rows)" in out.stdout
     refused = run_cli(["sql", "DROP TABLE slide_qc"], materialized_home)
@@ -86,18 +91,36 @@ def test_bad_partition_fails_alone_and_rows_stay(mixed_root, tmp_path):
     assert result.returncode == 1
     assert "broken_slide: FAILED" in result.stdout
     assert "slide 'broken_slide'" in result.stdout and "scalefactors_json.json: scale factors file is missing" in result.stdout
-    assert result.stdout.count("fresh, nothing to do") == 2
+    assert "demo_01: fresh, nothing to do" in result.stdout and "demo_02: fresh, nothing to do" in result.stdout
     with _db(env) as con:
         assert con.execute("SELECT * FROM slide_qc ORDER BY slide_id").fetchall() == before
 
-    # Re-materializing a partition after a code-independent input change replaces its rows.
-    (mixed_root / "demo_02" / "metadata.tsv").touch()
+    # A touched but unchanged file: a new fingerprint re-runs raw_slide, whose content (its
+    # data version) is unchanged, so nothing downstream runs.
+    truth = mixed_root / "demo_02" / "metadata.tsv"
+    truth.touch()
     result = run_cli(["materialize", "--only", "slides", "--partition", "demo_02"], env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "input files changed" in result.stdout
+    assert "slides/raw_slide (slides/slide_files[demo_02] has a new data version)" in result.stdout
+    assert "wave 2" not in result.stdout
+    with _db(env) as con:
+        assert con.execute("SELECT * FROM slide_qc ORDER BY slide_id").fetchall() == before
+
+    # Changed content: raw_slide gets a new data version, its children run in the next wave and
+    # replace their rows (one per slide, never duplicated).
+    lines = truth.read_text().splitlines()
+    label = lines[1].split("\t")[-1]
+    lines[1] = lines[1][: -len(label)] + ("Layer1" if label != "Layer1" else "Layer2")
+    truth.write_text("\n".join(lines) + "\n")
+    dry = run_cli(["materialize", "--only", "slides", "--partition", "demo_02", "--dry-run"], env)
+    assert dry.returncode == 0 and "slides/raw_slide (slides/slide_files[demo_02] has a new data version)" in dry.stdout
+    result = run_cli(["materialize", "--only", "slides", "--partition", "demo_02"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(wave 2)" in result.stdout and "slides/raw_slide[demo_02] has a new data version" in result.stdout
     with _db(env) as con:
         assert con.execute("SELECT count(*) FROM slide_qc WHERE slide_id = 'demo_02'").fetchone()[0] == 1
         assert con.execute("SELECT count(*) FROM preprocessing_runs WHERE slide_id = 'demo_02'").fetchone()[0] == 2
+        assert con.execute("SELECT * FROM slide_qc WHERE slide_id = 'demo_01'").fetchall() == before[:1]
 
 
 def test_failed_tissue_check_blocks_downstream(mixed_root, tmp_path):

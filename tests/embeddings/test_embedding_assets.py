@@ -8,7 +8,7 @@ import torch
 from dagster import DagsterInstance, materialize
 from dagster_duckdb import DuckDBResource
 
-from dagster_project.cli import user_error
+from mihd_resources.orchestration import user_error
 from mihd_assets.embeddings import assets as emb
 from mihd_assets.embeddings.store import SpotEmbedding
 from mihd_assets.embeddings.vision import create_encoder_model

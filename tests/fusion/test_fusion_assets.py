@@ -11,7 +11,7 @@ import pytest
 from dagster import DagsterInstance, build_asset_context, materialize
 from dagster_duckdb import DuckDBResource
 
-from dagster_project.cli import user_error
+from mihd_resources.orchestration import user_error
 from mihd_assets.embeddings import assets as emb
 from mihd_assets.embeddings.store import SpotEmbedding
 from mihd_assets.fusion import assets as fa
@@ -125,11 +125,15 @@ def test_slide_without_truth_keeps_clusterings_and_records_why(env, tmp_path):
         "representation": "gene_pca", "kind": "gene", "clustering_method": "mclust",
         "clustering_method_used": "mclust", "n_clusters": 3, "n_clusters_source": "default", "refine_k": 15,
         "weights": "none", "profile": "demo"})
-    inputs = {"__".join(k.path[1:]): labels for k in fa.ALL_CLUSTERING_KEYS}
+    # One clustering's metrics asset, on its own: no other clustering of the matrix is needed.
+    (metrics_asset,) = [a for a in fa.clustering_metrics if a.key == fa.metrics_key(fa.clustering_key("gene_pca", "mclust"))]
+    assert set(metrics_asset.keys_by_input_name) == {"labels", "raw"}
     with build_asset_context(partition_key="demo_01", resources={"metrics": resources["metrics"]},
                              instance=instance) as context:
-        fa.clustering_metrics(context, raw=raw, **inputs)
+        out = metrics_asset(context, labels=labels, raw=raw)
+    assert out.metadata["truth_labels"] is False
     with duckdb.connect(str(tmp_path / "m.duckdb"), read_only=True) as con:
-        rows = con.execute("SELECT ari, metrics_status, chaos FROM clustering_metrics").fetchall()
-    assert len(rows) == 2 * len(inputs)
+        rows = con.execute("SELECT ari, metrics_status, chaos, asset_key FROM clustering_metrics").fetchall()
+    assert len(rows) == 2
     assert all(r[0] is None and r[1] == "skipped: slide has no truth labels" and r[2] > 0 for r in rows)
+    assert {r[3] for r in rows} == {"evaluation/clustering_metrics/gene_pca__mclust"}

@@ -54,7 +54,7 @@ def test_gene_only_path_matches_the_textbook_scanpy_pipeline(materialized_home):
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     adata = adata[:, adata.var["highly_variable"]].copy()
-    sc.pp.scale(adata, max_value=10)
+    sc.pp.scale(adata)
     n_pcs = min(MATRIX.pca_components, min(adata.shape) - 1)
     sc.tl.pca(adata, n_comps=n_pcs, random_state=0)
     stored = SpotLabels.load(store / "clustering" / "gene_pca__mclust" / "demo_01.npz")
