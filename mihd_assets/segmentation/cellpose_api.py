@@ -17,11 +17,13 @@ Facts of cellpose 4.2 this wrapper guards against:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -294,7 +296,7 @@ def train(
     loaded = load_model(init_weights, device)
     torch.manual_seed(seed)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _training_progress(progress):
         if progress:
             progress(f"training {Path(out_path).name}: {len(keep)} images, {n_epochs} epochs")
         saved, losses, _ = cp_train.train_seg(
@@ -339,3 +341,33 @@ def matching_counts(true_masks: Sequence[np.ndarray], pred_masks: Sequence[np.nd
         threshold=[threshold],
     )
     return ap[:, 0], tp[:, 0].astype(int), fp[:, 0].astype(int), fn[:, 0].astype(int)
+
+
+class _ForwardToProgress(logging.Handler):
+    def __init__(self, progress):
+        super().__init__(logging.INFO)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.progress(f"cellpose: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _training_progress(progress):
+    """cellpose reports epochs and losses on its ``cellpose.train`` logger: forward them to the
+    step's progress log. Its CPU-autocast notice (bfloat16 only) repeats every batch on CPU and
+    says nothing about the result, so it is silenced for the duration of training."""
+    logger = logging.getLogger("cellpose.train")
+    handler = _ForwardToProgress(progress) if progress else None
+    previous = logger.level
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+        if handler:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            if handler:
+                logger.removeHandler(handler)
+                logger.setLevel(previous)

@@ -1,4 +1,4 @@
--- Seeds 000/002: does adding the image help? Each fusion vs the gene-only embedding it fused,
+-- Does adding the image help? Each fusion vs the gene-only embedding it fused,
 -- same clustering method and refinement, per slide.
 SELECT f.slide_id, f.fusion_method, f.clustering_method, f.refinement,
        g.ari AS gene_only_ari, f.ari AS fusion_ari, f.ari - g.ari AS gain

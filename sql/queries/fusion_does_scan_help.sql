@@ -1,4 +1,4 @@
--- Seed 002: does SCAN beat plain clustering of the same vision embedding (image-only)?
+-- Does SCAN beat plain clustering of the same vision embedding (image-only)?
 SELECT s.slide_id, s.vision, s.refinement,
        b.ari AS baseline_mclust_ari, s.ari AS scan_ari, s.ari - b.ari AS gain
 FROM clustering_latest s

@@ -1,4 +1,4 @@
--- Seed 000: what mclust (vs the k-means it silently fell back to) and refinement are worth.
+-- What mclust (vs k-means, the usual silent fallback; about 0.15 ARI on DLPFC 151673) and refinement are worth.
 SELECT representation, refinement,
        avg(ari) FILTER (WHERE clustering_method = 'mclust') AS mclust_ari,
        avg(ari) FILTER (WHERE clustering_method = 'kmeans') AS kmeans_ari,

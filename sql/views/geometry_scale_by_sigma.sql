@@ -1,4 +1,4 @@
--- Seed 003's per-sigma table: one-step denoising of noised held-out targets, by noise bin,
+-- Per-sigma scale table: one-step denoising of noised held-out targets, by noise bin,
 -- pooled over held-out slides (weighted by sets). Scale ratio < 1 = the denoiser shrinks sets.
 CREATE OR REPLACE VIEW geometry_scale_by_sigma AS
 SELECT
