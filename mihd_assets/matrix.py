@@ -5,6 +5,7 @@ Adding a method = one function in its family + one name here.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -48,6 +49,20 @@ class BenchmarkMatrix:
     cluster_overrides: tuple[tuple[str, int], ...] = (
         ("151669", 5), ("151670", 5), ("151671", 5), ("151672", 5),
     )
+    # Replicates of every stochastic step (trained fusions, STAIG, image-only methods,
+    # clusterings). Replicate 0 uses each method's default seed (STAIG's published 39788,
+    # mclust's 2020, ...), replicate r that seed + r; r > 0 adds `__rep<r>` to the asset keys.
+    # DuckDB rows carry `replicate` and `seed`; the leaderboard views average over replicates.
+    replicates: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.replicates <= 50:
+            raise ValueError(f"benchmark matrix: replicates must be 1..50, got {self.replicates}")
+
+
+def replicate_suffix(replicate: int) -> str:
+    """The asset-key suffix of a replicate: none for replicate 0, ``__rep<r>`` otherwise."""
+    return f"__rep{replicate}" if replicate else ""
 
 
 def cluster_count(slide_id: str, truth_labels=None, matrix: "BenchmarkMatrix | None" = None) -> tuple[int, str]:
@@ -66,4 +81,12 @@ def cluster_count(slide_id: str, truth_labels=None, matrix: "BenchmarkMatrix | N
     return m.default_clusters, "default"
 
 
-MATRIX = BenchmarkMatrix()
+def _replicates_from_env() -> int:
+    value = os.environ.get("MIHD_REPLICATES", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"MIHD_REPLICATES must be an integer number of replicates, got {value!r}") from None
+
+
+MATRIX = BenchmarkMatrix(replicates=_replicates_from_env())

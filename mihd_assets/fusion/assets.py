@@ -29,7 +29,7 @@ from mihd_resources.orchestration import GPU_POOL, gpu_op_tags
 from mihd_resources.orchestration import slides_partitions
 from mihd_assets.embeddings.assets import gene_key, vision_key
 from mihd_assets.embeddings.store import SpotEmbedding
-from mihd_assets.matrix import MATRIX, cluster_count
+from mihd_assets.matrix import MATRIX, cluster_count, replicate_suffix
 from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key
 from mihd_resources import ComputeResource, MetricsStore, settings
 from mihd_resources.clustering import ClusteringResource
@@ -78,8 +78,8 @@ def fusion_key(name: str) -> AssetKey:
     return AssetKey(["fusion", name])
 
 
-def clustering_key(representation: str, method: str) -> AssetKey:
-    return AssetKey(["clustering", f"{representation}__{method}"])
+def clustering_key(representation: str, method: str, replicate: int = 0) -> AssetKey:
+    return AssetKey(["clustering", f"{representation}__{method}{replicate_suffix(replicate)}"])
 
 
 def _as_metadata(record: dict) -> dict:
@@ -109,8 +109,9 @@ def _upstream_weights(*embeddings: SpotEmbedding) -> str:
 
 # ---------------------------------------------------------------- fusion embeddings
 
-def _fusion_factory(method: str, gene: str, vision: str):
-    name = fusion_name(method, gene, vision)
+def _fusion_factory(method: str, gene: str, vision: str, replicate: int = 0):
+    base = fusion_name(method, gene, vision)
+    name = base + replicate_suffix(replicate)
     trained = method in TRAINED_FUSIONS
 
     @asset(
@@ -126,6 +127,7 @@ def _fusion_factory(method: str, gene: str, vision: str):
         description=(
             f"`{method}` fusion of the `{gene}` gene embedding and the `{vision}` vision embedding; both "
             "are standardized per modality once, here, before fusing."
+            + (f" Replicate {replicate} (training seed {replicate})." if trained else "")
         ),
     )
     def _asset(context: AssetExecutionContext, compute: ComputeResource, gene_embedding, vision_embedding):
@@ -143,8 +145,9 @@ def _fusion_factory(method: str, gene: str, vision: str):
         else:
             fn = getattr(trained_methods, f"{method}_fusion")
             kwargs = DEMO_FUSION_KW[method] if demo else {}
-            fused, info = fn(g, v, device=str(compute.torch_device()), progress=_progress(context, where), **kwargs)
-        record = {**info, "method": method, "gene_encoder": gene, "vision": vision,
+            fused, info = fn(g, v, device=str(compute.torch_device()), progress=_progress(context, where),
+                             seed=replicate, **kwargs)
+        record = {**info, "method": method, "gene_encoder": gene, "vision": vision, "replicate": replicate,
                   "weights": _upstream_weights(gene_embedding, vision_embedding), "profile": settings.profile(),
                   "normalization": "standardize(gene), standardize(vision) once before fusion"}
         yield Output(SpotEmbedding(fused, list(gene_embedding.obs_names), record),
@@ -153,51 +156,69 @@ def _fusion_factory(method: str, gene: str, vision: str):
     return _asset
 
 
-@asset(
-    key=fusion_key(STAIG_NAME),
-    ins={"pre": AssetIn(key=preprocessed_key("staig")), "vision": AssetIn(key=vision_input_key(MATRIX.staig_vision))},
-    group_name="fusion",
-    partitions_def=slides_partitions,
-    io_manager_key="embedding_io_manager",
-    pool=GPU_POOL,
-    op_tags=gpu_op_tags(),
-    code_version="3",
-    kinds={"pytorch"},
-)
-def staig_fusion_embedding(context: AssetExecutionContext, compute: ComputeResource, pre, vision):
-    """STAIG-equivalent fusion with STAIG's published configuration: the 3,000-HVG matrix of the `staig` preset on a
-    k=5 spatial graph, image-distance-driven edge dropping, pseudo-label-debiased
-    contrastive loss (k=80, tau=35), 300 epochs; the image embedding is standardized once."""
-    from .staig import StaigConfig, staig_fusion
+def _staig_factory(replicate: int = 0):
+    from .staig import StaigConfig
 
-    slide_id = context.partition_key
-    where = f"slide '{slide_id}' {STAIG_NAME}"
-    hvg = pre.X.toarray() if hasattr(pre.X, "toarray") else np.asarray(pre.X)
-    spots = SpotEmbedding(np.zeros((pre.n_obs, 1)), list(pre.obs_names))
-    image_raw = _aligned(spots, vision, where)
-    config = StaigConfig(epochs=DEMO_STAIG_EPOCHS) if settings.profile() == "demo" else StaigConfig()
-    out, info = staig_fusion(hvg, np.asarray(pre.obsm["spatial"]), image_raw, config,
-                             device=str(compute.torch_device()), progress=_progress(context, where))
-    record = {**info, "gene_encoder": "hvg", "vision": MATRIX.staig_vision, "weights": _upstream_weights(vision),
-              "profile": settings.profile()}
-    yield Output(SpotEmbedding(out, list(pre.obs_names), record), metadata={**_as_metadata(record)})
+    name = STAIG_NAME + replicate_suffix(replicate)
+    seed = StaigConfig().seed + replicate
+
+    @asset(
+        key=fusion_key(name),
+        ins={"pre": AssetIn(key=preprocessed_key("staig")), "vision": AssetIn(key=vision_input_key(MATRIX.staig_vision))},
+        group_name="fusion",
+        partitions_def=slides_partitions,
+        io_manager_key="embedding_io_manager",
+        pool=GPU_POOL,
+        op_tags=gpu_op_tags(),
+        code_version="3",
+        kinds={"pytorch"},
+        description=(
+            "STAIG-equivalent fusion with STAIG's published configuration: the 3,000-HVG matrix of the `staig` "
+            "preset on a k=5 spatial graph, image-distance-driven edge dropping, pseudo-label-debiased "
+            "contrastive loss (k=80, tau=35), 300 epochs; the image embedding is standardized once. "
+            f"Replicate {replicate}: seed {seed} (STAIG's published seed is 39788)."
+        ),
+    )
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, pre, vision):
+        from .staig import staig_fusion
+
+        slide_id = context.partition_key
+        where = f"slide '{slide_id}' {name}"
+        hvg = pre.X.toarray() if hasattr(pre.X, "toarray") else np.asarray(pre.X)
+        spots = SpotEmbedding(np.zeros((pre.n_obs, 1)), list(pre.obs_names))
+        image_raw = _aligned(spots, vision, where)
+        config = StaigConfig(seed=seed, **({"epochs": DEMO_STAIG_EPOCHS} if settings.profile() == "demo" else {}))
+        out, info = staig_fusion(hvg, np.asarray(pre.obsm["spatial"]), image_raw, config,
+                                 device=str(compute.torch_device()), progress=_progress(context, where))
+        record = {**info, "gene_encoder": "hvg", "vision": MATRIX.staig_vision, "weights": _upstream_weights(vision),
+                  "profile": settings.profile(), "replicate": replicate}
+        yield Output(SpotEmbedding(out, list(pre.obs_names), record), metadata={**_as_metadata(record)})
+
+    return _asset
 
 
 # ---------------------------------------------------------------- representations
 
-def representations() -> dict[str, tuple[AssetKey, str]]:
-    """Every embedding that gets clustered: name -> (asset key, kind)."""
-    reps: dict[str, tuple[AssetKey, str]] = {}
+def representations() -> dict[str, tuple[AssetKey, str, bool]]:
+    """Every embedding that gets clustered: name -> (asset key of replicate 0, kind, trained).
+
+    A trained representation has one asset per replicate (key + ``__rep<r>``); the others
+    are deterministic and every clustering replicate reads the same asset."""
+    reps: dict[str, tuple[AssetKey, str, bool]] = {}
     for gene in MATRIX.gene_only:
-        reps[f"gene_{gene}"] = (gene_key(gene), "gene")
+        reps[f"gene_{gene}"] = (gene_key(gene), "gene", False)
     for vision in MATRIX.vision_only:
-        reps[f"vision_{vision}"] = (vision_input_key(vision), "vision")
+        reps[f"vision_{vision}"] = (vision_input_key(vision), "vision", False)
     for method in MATRIX.fusion_methods:
         for gene, vision in MATRIX.fusion_inputs:
             name = fusion_name(method, gene, vision)
-            reps[name] = (fusion_key(name), "fusion")
-    reps[STAIG_NAME] = (fusion_key(STAIG_NAME), "fusion")
+            reps[name] = (fusion_key(name), "fusion", method in TRAINED_FUSIONS)
+    reps[STAIG_NAME] = (fusion_key(STAIG_NAME), "fusion", True)
     return reps
+
+
+def _replicate_key(key: AssetKey, replicate: int) -> AssetKey:
+    return AssetKey([*key.path[:-1], key.path[-1] + replicate_suffix(replicate)])
 
 
 def clustering_input(values: np.ndarray, kind: str, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -208,28 +229,29 @@ def clustering_input(values: np.ndarray, kind: str, seed: int = 0) -> tuple[np.n
 
 
 def run_clustering(method: str, x: np.ndarray, n_clusters: int, resource: ClusteringResource, where: str,
-                   log) -> tuple[np.ndarray, str, dict]:
+                   log, replicate: int = 0) -> tuple[np.ndarray, str, dict]:
     """Labels, the method actually used, and extra facts. A missing mclust fails unless the
     resource explicitly allows the fallback, which is then logged at WARNING."""
     from .clustering import MclustUnavailable, kmeans_labels, leiden_labels, mclust_labels, validate_for_clustering
 
     validate_for_clustering(x, n_clusters, where)
+    seed = resource.seed + replicate
     if method == "mclust":
         try:
-            return mclust_labels(x, n_clusters, resource.mclust_model, resource.seed, where), "mclust", {
-                "mclust_model": resource.mclust_model, "seed": resource.seed}
+            return mclust_labels(x, n_clusters, resource.mclust_model, seed, where), "mclust", {
+                "mclust_model": resource.mclust_model, "seed": seed}
         except MclustUnavailable as err:
             if not resource.allow_mclust_fallback:
                 raise
             log.warning(f"{where}: mclust unavailable ({err}); FALLING BACK to {resource.fallback_method} "
                         "because ClusteringResource.allow_mclust_fallback is set")
-            return kmeans_labels(x, n_clusters, resource.seed, where), resource.fallback_method, {
-                "fallback_reason": str(err)}
+            return kmeans_labels(x, n_clusters, seed, where), resource.fallback_method, {
+                "fallback_reason": str(err), "seed": seed}
     if method == "kmeans":
-        return kmeans_labels(x, n_clusters, resource.seed, where), "kmeans", {"seed": resource.seed}
+        return kmeans_labels(x, n_clusters, seed, where), "kmeans", {"seed": seed}
     if method == "leiden":
-        labels, extra = leiden_labels(x, n_clusters, resource.seed, where=where)
-        return labels, "leiden", extra
+        labels, extra = leiden_labels(x, n_clusters, seed, where=where)
+        return labels, "leiden", {"seed": seed, **extra}
     raise ValueError(f"{where}: unknown clustering method {method!r}; expected one of {MATRIX.clustering_methods}")
 
 
@@ -251,8 +273,8 @@ def _coords_for(raw, obs_names: list[str]) -> np.ndarray:
     return np.asarray(raw.obsm["spatial"], dtype=np.float64)[[index[b] for b in obs_names]]
 
 
-def _clustering_factory(representation: str, upstream: AssetKey, kind: str, method: str):
-    key = clustering_key(representation, method)
+def _clustering_factory(representation: str, upstream: AssetKey, kind: str, method: str, replicate: int = 0):
+    key = clustering_key(representation, method, replicate)
 
     @asset(
         key=key,
@@ -264,8 +286,9 @@ def _clustering_factory(representation: str, upstream: AssetKey, kind: str, meth
         kinds={"r", "python"} if method == "mclust" else {"python"},
         check_specs=[_method_check(key)],
         description=(
-            f"`{method}` clusters of `{representation}` (cluster count per slide from the matrix), raw and "
-            f"after a {MATRIX.refine_k}-neighbour spatial majority vote."
+            f"`{method}` clusters of `{upstream.path[-1]}` (cluster count per slide from the matrix), raw and "
+            f"after a {MATRIX.refine_k}-neighbour spatial majority vote; replicate {replicate} (clustering seed "
+            f"= the resource's seed + {replicate})."
         ),
     )
     def _asset(context: AssetExecutionContext, clustering: ClusteringResource, embedding, raw):
@@ -276,13 +299,14 @@ def _clustering_factory(representation: str, upstream: AssetKey, kind: str, meth
         started = time.perf_counter()
         n_clusters, source = cluster_count(slide_id, raw.obs["truth"] if "truth" in raw.obs else None)
         x, prepared = clustering_input(embedding.values, kind)
-        labels, used, extra = run_clustering(method, x, n_clusters, clustering, where, context.log)
+        labels, used, extra = run_clustering(method, x, n_clusters, clustering, where, context.log, replicate)
         refined = refine_labels(labels, _coords_for(raw, embedding.obs_names), clustering.refine_k)
         record = {
             "representation": representation, "kind": kind, "clustering_method": method,
             "clustering_method_used": used, "n_clusters": n_clusters, "n_clusters_source": source,
             "cluster_input": prepared, "refine_k": clustering.refine_k, "seconds": time.perf_counter() - started,
-            "weights": str(embedding.info.get("weights", "unknown")), "profile": settings.profile(), **extra,
+            "weights": str(embedding.info.get("weights", "unknown")), "profile": settings.profile(),
+            "replicate": replicate, **extra,
         }
         yield Output(SpotLabels(list(embedding.obs_names), labels, refined, record), metadata=_as_metadata(record))
         yield _method_result(key, method, used)
@@ -290,9 +314,9 @@ def _clustering_factory(representation: str, upstream: AssetKey, kind: str, meth
     return _asset
 
 
-def _image_only_factory(method: str, vision: str):
+def _image_only_factory(method: str, vision: str, replicate: int = 0):
     representation = f"image_only__{method}__{vision}"
-    key = AssetKey(["clustering", representation])
+    key = AssetKey(["clustering", representation + replicate_suffix(replicate)])
 
     @asset(
         key=key,
@@ -307,7 +331,8 @@ def _image_only_factory(method: str, vision: str):
         description=(
             f"Image-only `{method}` clustering of the `{vision}` embedding"
             + (" and the H&E patches around each spot" if method == "byol_gat" else "")
-            + f"; raw labels and a {MATRIX.refine_k}-neighbour spatial majority vote."
+            + f"; raw labels and a {MATRIX.refine_k}-neighbour spatial majority vote; replicate {replicate} "
+            f"(seed {replicate})."
         ),
     )
     def _asset(context: AssetExecutionContext, compute: ComputeResource, clustering: ClusteringResource,
@@ -324,12 +349,12 @@ def _image_only_factory(method: str, vision: str):
         device = str(compute.torch_device())
         progress = _progress(context, where)
         if method == "scan":
-            labels, _, info = image_only.scan_clustering(x, n_clusters, device=device, progress=progress, **kwargs)
+            labels, _, info = image_only.scan_clustering(x, n_clusters, seed=replicate, device=device, progress=progress, **kwargs)
         elif method == "stego":
-            labels, _, info = image_only.stego_clustering(x, coords, n_clusters, device=device, progress=progress, **kwargs)
+            labels, _, info = image_only.stego_clustering(x, coords, n_clusters, seed=replicate, device=device, progress=progress, **kwargs)
         elif method == "byol_gat":
             patches = spot_patches(raw, slide_id, embedding.obs_names, kwargs.get("image_size", 96))
-            labels, _, info = image_only.byol_gat_clustering(patches, coords, n_clusters, device=device,
+            labels, _, info = image_only.byol_gat_clustering(patches, coords, n_clusters, seed=replicate, device=device,
                                                              progress=progress, **kwargs)
         else:
             raise ValueError(f"{where}: unknown image-only method {method!r}")
@@ -339,7 +364,7 @@ def _image_only_factory(method: str, vision: str):
             "representation": representation, "kind": "image_only", "clustering_method": method,
             "clustering_method_used": method, "n_clusters": n_clusters, "n_clusters_source": source,
             "refine_k": clustering.refine_k, "weights": str(embedding.info.get("weights", "unknown")),
-            "profile": settings.profile(),
+            "profile": settings.profile(), "replicate": replicate,
         }
         yield Output(SpotLabels(list(embedding.obs_names), labels, refined, record), metadata=_as_metadata(record))
 
@@ -355,14 +380,24 @@ def spot_patches(raw, slide_id: str, obs_names: list[str], size: int) -> np.ndar
     return patch_array(path, _coords_for(raw, obs_names), scale, size)
 
 
-fusion_embeddings = [_fusion_factory(m, g, v) for m in MATRIX.fusion_methods for g, v in MATRIX.fusion_inputs]
-clusterings = [
-    _clustering_factory(name, upstream, kind, method)
-    for name, (upstream, kind) in representations().items()
-    for method in MATRIX.clustering_methods
+REPLICATES = range(MATRIX.replicates)
+fusion_embeddings = [
+    _fusion_factory(m, g, v, r)
+    for m in MATRIX.fusion_methods for g, v in MATRIX.fusion_inputs
+    for r in (REPLICATES if m in TRAINED_FUSIONS else (0,))
 ]
-image_only_clusterings = [_image_only_factory(m, MATRIX.image_only_vision) for m in MATRIX.image_only_methods]
+staig_fusion_embeddings = [_staig_factory(r) for r in REPLICATES]
+clusterings = [
+    _clustering_factory(name, _replicate_key(upstream, r) if trained else upstream, kind, method, r)
+    for name, (upstream, kind, trained) in representations().items()
+    for method in MATRIX.clustering_methods
+    for r in REPLICATES
+]
+image_only_clusterings = [_image_only_factory(m, MATRIX.image_only_vision, r)
+                          for m in MATRIX.image_only_methods for r in REPLICATES]
 ALL_CLUSTERING_KEYS = [a.key for a in clusterings + image_only_clusterings]
+# Figures show replicate 0 of each clustering (one panel set per method, not per seed).
+FIGURE_CLUSTERING_KEYS = [k for k in ALL_CLUSTERING_KEYS if "__rep" not in k.path[-1]]
 
 
 def _dimensions(info: dict) -> dict:
@@ -402,6 +437,7 @@ def clustering_metric_rows(slide_id: str, raw, stored) -> tuple[list[dict], bool
             "n_clusters_source": info["n_clusters_source"], "n_spots": len(stored.obs_names),
             "chaos": chaos(values, coords), "pas": pas(values, coords),
             "weights": info.get("weights"), "profile": info.get("profile"),
+            "replicate": int(info.get("replicate", 0)), "seed": info.get("seed"),
         }
         if has_truth:
             row.update(agreement(raw.obs["truth"].loc[stored.obs_names].to_numpy(), values))

@@ -7,7 +7,7 @@ from dagster import AssetExecutionContext, AssetIn, AssetKey, MaterializeResult,
 
 from mihd_resources.orchestration import slides_partitions
 from mihd_assets.fileio import atomic_write_bytes, atomic_write_text
-from mihd_assets.fusion.assets import ALL_CLUSTERING_KEYS, ALL_METRICS_KEYS
+from mihd_assets.fusion.assets import ALL_METRICS_KEYS, FIGURE_CLUSTERING_KEYS
 from mihd_assets.slides.assets import RAW_SLIDE
 from mihd_resources import MetricsStore, settings
 
@@ -25,7 +25,7 @@ def _display_image(raw, slide_id: str) -> tuple[np.ndarray | None, float]:
 
 @asset(
     key=AssetKey(["reports", "slide_figures"]),
-    ins={"__".join(k.path[1:]): AssetIn(key=k) for k in ALL_CLUSTERING_KEYS} | {"raw": AssetIn(key=RAW_SLIDE)},
+    ins={"__".join(k.path[1:]): AssetIn(key=k) for k in FIGURE_CLUSTERING_KEYS} | {"raw": AssetIn(key=RAW_SLIDE)},
     group_name="reports",
     partitions_def=slides_partitions,
     code_version="1",

@@ -28,5 +28,10 @@ CREATE TABLE IF NOT EXISTS clustering_metrics (
     pas                     DOUBLE,
     metrics_status          VARCHAR,            -- ok | skipped: <reason>
     weights                 VARCHAR,            -- random when any upstream encoder ran with random weights
-    profile                 VARCHAR
+    profile                 VARCHAR,
+    replicate               INTEGER,            -- 0 = each method's default seed; r = default seed + r
+    seed                    BIGINT              -- the clustering's seed (trained fusions: see their metadata)
 );
+-- Databases written before replicates were a matrix dimension.
+ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS replicate INTEGER;
+ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS seed BIGINT;
