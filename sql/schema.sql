@@ -40,8 +40,28 @@ CREATE TABLE IF NOT EXISTS slide_image_checks (
     frac_on_tissue  DOUBLE,
     threshold       DOUBLE,             -- Otsu threshold on HSV saturation
     passed          BOOLEAN,
-    problem         VARCHAR
+    problem         VARCHAR,
+    declared_scale  VARCHAR,            -- placement applied: <image>_scale, or given
+    -- On-tissue fraction per placement tried (NULL: not tried, or no tissue contrast)
+    frac_on_tissue_fullres_scale DOUBLE,
+    frac_on_tissue_hires_scale   DOUBLE,
+    frac_on_tissue_lowres_scale  DOUBLE,
+    frac_on_tissue_coords_in_hires_px  DOUBLE, -- coordinates taken as hires-image pixels
+    frac_on_tissue_coords_in_lowres_px DOUBLE, -- coordinates taken as lowres-image pixels
+    frac_on_tissue_swapped_xy    DOUBLE, -- x and y swapped, at the declared scale
+    best_fit        VARCHAR,            -- placement with the highest fraction; '' without tissue contrast
+    frac_on_tissue_best_fit      DOUBLE
 );
+-- Databases created before the placement columns existed get them here.
+ALTER TABLE slide_image_checks ADD COLUMN IF NOT EXISTS declared_scale VARCHAR;
+ALTER TABLE slide_image_checks ADD COLUMN IF NOT EXISTS frac_on_tissue_fullres_scale DOUBLE;
+ALTER TABLE slide_image_checks ADD COLUMN IF NOT EXISTS frac_on_tissue_hires_scale DOUBLE;
+ALTER TABLE slide_image_checks ADD COLUMN IF NOT EXISTS frac_on_tissue_lowres_scale DOUBLE;
+ALTER TABLE slide_image_checks ADD COLUMN IF NOT EXISTS frac_on_tissue_coords_in_hires_px DOUBLE;
+ALTER TABLE slide_image_checks ADD COLUMN IF NOT EXISTS frac_on_tissue_coords_in_lowres_px DOUBLE;
+ALTER TABLE slide_image_checks ADD COLUMN IF NOT EXISTS frac_on_tissue_swapped_xy DOUBLE;
+ALTER TABLE slide_image_checks ADD COLUMN IF NOT EXISTS best_fit VARCHAR;
+ALTER TABLE slide_image_checks ADD COLUMN IF NOT EXISTS frac_on_tissue_best_fit DOUBLE;
 
 CREATE TABLE IF NOT EXISTS preprocessing_runs (
     asset_key       VARCHAR NOT NULL,
