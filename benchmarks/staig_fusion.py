@@ -2,17 +2,21 @@
 DLPFC-sized synthetic slide: 3,600 spots on the Visium hex grid x 3,000 HVGs, a 1,536-d
 image embedding. Target (issue 4): under 5 minutes on 2 CPU cores.
 
-    .venv/bin/python benchmarks/staig_fusion.py [--threads 2] [--spots 3600] [--genes 3000]
+    .venv/bin/python benchmarks/staig_fusion.py [--threads 2] [--spots 3600] [--genes 3000] [--image-mode image|none]
+
+Besides wall time it prints this process's user and system CPU seconds, minor page faults
+and peak RSS (getrusage), the figures GNU ``time -v`` reports for the whole command.
 """
 
 import argparse
 import platform
+import resource
 import time
 
 import numpy as np
 import torch
 
-from mihd_assets.fusion.staig import StaigConfig, staig_fusion
+from mihd_assets.fusion.staig import IMAGE_MODES, StaigConfig, staig_fusion
 
 
 def synthetic_slide(n_spots: int, n_genes: int, image_dim: int, seed: int = 0):
@@ -32,15 +36,21 @@ def main() -> None:
     parser.add_argument("--spots", type=int, default=3600)
     parser.add_argument("--genes", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=StaigConfig().epochs)
+    parser.add_argument("--image-mode", choices=IMAGE_MODES, default="image")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     xy, hvg, image = synthetic_slide(args.spots, args.genes, 1536)
+    config = StaigConfig(epochs=args.epochs, image_mode=args.image_mode)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    _, info = staig_fusion(hvg, xy, image, StaigConfig(epochs=args.epochs))
+    _, info = staig_fusion(hvg, xy, image if args.image_mode == "image" else None, config)
     seconds = time.perf_counter() - started
-    print(f"staig_fusion: {args.spots} spots x {args.genes} genes, {args.epochs} epochs, {args.threads} threads: "
-          f"{seconds:.1f} s total ({info['seconds']:.1f} s inside), final loss {info['final_loss']:.4f}; "
-          f"machine {platform.machine()} {platform.processor() or ''}".strip())
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"staig_fusion ({args.image_mode} mode): {args.spots} spots x {args.genes} genes, {args.epochs} epochs, "
+          f"{args.threads} threads: {seconds:.1f} s wall ({info['seconds']:.1f} s inside), "
+          f"{after.ru_utime - before.ru_utime:.1f} s user, {after.ru_stime - before.ru_stime:.1f} s system, "
+          f"{after.ru_minflt - before.ru_minflt:,} minor page faults, peak RSS {after.ru_maxrss / 1024:.0f} MiB; "
+          f"final loss {info['final_loss']:.4f}; machine {platform.machine()} {platform.processor() or ''}".strip())
 
 
 if __name__ == "__main__":
