@@ -110,12 +110,19 @@ def _dry_run_lists(env: dict, partition: str) -> set[str]:
 
 
 def _materialize_from_ui(page, base: str, asset: str, partition: str | None) -> None:
+    """Materialize from the asset's page as a user does, then follow the run to "Success"."""
     from playwright.sync_api import expect
 
     page.goto(f"{base}/assets/{asset}")
     _skip_community_dialog(page)
     if partition is None:
-        page.get_by_role("button", name="Materialize", exact=True).first.click()
+        page.get_by_role("button", name=re.compile(r"^Materialize")).first.click()
+        # An asset with run config opens the launchpad first; launch it with the defaults.
+        launchpad = page.get_by_role("button", name=re.compile(r"^Materialize$|^Launch"))
+        toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))
+        expect(toast.or_(launchpad.last)).to_be_visible()
+        if not toast.is_visible():
+            launchpad.last.click()
     else:
         page.get_by_role("button", name="Materialize…").first.click()
         dialog = page.locator("[role=dialog]")
@@ -125,8 +132,10 @@ def _materialize_from_ui(page, base: str, asset: str, partition: str | None) -> 
         dialog.get_by_role("button", name="Launch 1 run").click()
     toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))
     expect(toast).to_be_visible()
-    page.get_by_role("button", name="View", exact=True).click()
-    expect(page).to_have_url(re.compile(r"/runs/[0-9a-f-]+"))
+    prefix = re.search(r"Launched run ([0-9a-f]{8})", toast.inner_text()).group(1)
+    runs = _graphql(base, "{ runsOrError(limit: 20) { ... on Runs { results { runId } } } }", {})
+    (run_id,) = [r["runId"] for r in runs["runsOrError"]["results"] if r["runId"].startswith(prefix)]
+    page.goto(f"{base}/runs/{run_id}")
     # The run page's status tag turns "Success" when the daemon-launched run ends.
     expect(page.get_by_text("Success", exact=True).first).to_be_visible(timeout=RUN_TIMEOUT_MS)
 
@@ -175,7 +184,7 @@ def test_ui_materializes_every_family_and_marks_changed_slides_unsynced(ui_home,
                     try:
                         _materialize_from_ui(page, base, asset, partition)
                         _assert_checks_tab(page, base, asset, check)
-                    except AssertionError as exc:
+                    except Exception as exc:  # noqa: BLE001 - playwright's TimeoutError too; re-raised with the asset
                         page.screenshot(path=str(shot), full_page=True)
                         raise AssertionError(f"{asset}: {exc}") from exc
 

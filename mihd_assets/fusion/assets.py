@@ -72,6 +72,8 @@ def fusion_name(method: str, gene: str, vision: str) -> str:
 
 
 STAIG_NAME = fusion_name("staig_fusion", "hvg", MATRIX.staig_vision)
+# STAIG's own mode for slides without a usable image: its own asset, never a silent stand-in.
+STAIG_NO_IMAGE_NAME = fusion_name("staig_fusion", "hvg", "none")
 
 
 def fusion_key(name: str) -> AssetKey:
@@ -197,6 +199,49 @@ def _staig_factory(replicate: int = 0):
     return _asset
 
 
+def _staig_no_image_factory(replicate: int = 0):
+    from .staig import StaigConfig
+
+    name = STAIG_NO_IMAGE_NAME + replicate_suffix(replicate)
+    seed = StaigConfig().seed + replicate
+
+    @asset(
+        key=fusion_key(name),
+        ins={"pre": AssetIn(key=preprocessed_key("staig"))},
+        group_name="fusion",
+        partitions_def=slides_partitions,
+        io_manager_key="embedding_io_manager",
+        pool=GPU_POOL,
+        op_tags=gpu_op_tags(),
+        code_version="1",
+        kinds={"pytorch"},
+        description=(
+            "STAIG without an image, as STAIG itself runs on slides without a usable image: the same GCN, graph "
+            "(k=5), contrastive loss (tau=35) and 300 epochs on the 3,000-HVG matrix of the `staig` preset, with "
+            "edges dropped uniformly (each with probability 1/degree) and no image pseudo-labels (every other "
+            f"spot is a negative). Replicate {replicate}: seed {seed}. Runs on every slide, image or not."
+        ),
+    )
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, pre):
+        from .staig import staig_fusion
+
+        slide_id = context.partition_key
+        where = f"slide '{slide_id}' {name}"
+        hvg = pre.X.toarray() if hasattr(pre.X, "toarray") else np.asarray(pre.X)
+        config = StaigConfig(image_mode="none", seed=seed,
+                             **({"epochs": DEMO_STAIG_EPOCHS} if settings.profile() == "demo" else {}))
+        try:
+            out, info = staig_fusion(hvg, np.asarray(pre.obsm["spatial"]), None, config,
+                                     device=str(compute.torch_device()), progress=_progress(context, where))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+        record = {**info, "gene_encoder": "hvg", "vision": "none", "weights": "none (no image)",
+                  "profile": settings.profile(), "replicate": replicate}
+        yield Output(SpotEmbedding(out, list(pre.obs_names), record), metadata={**_as_metadata(record)})
+
+    return _asset
+
+
 # ---------------------------------------------------------------- representations
 
 def representations() -> dict[str, tuple[AssetKey, str, bool]]:
@@ -214,6 +259,7 @@ def representations() -> dict[str, tuple[AssetKey, str, bool]]:
             name = fusion_name(method, gene, vision)
             reps[name] = (fusion_key(name), "fusion", method in TRAINED_FUSIONS)
     reps[STAIG_NAME] = (fusion_key(STAIG_NAME), "fusion", True)
+    reps[STAIG_NO_IMAGE_NAME] = (fusion_key(STAIG_NO_IMAGE_NAME), "fusion", True)
     return reps
 
 
@@ -387,6 +433,7 @@ fusion_embeddings = [
     for r in (REPLICATES if m in TRAINED_FUSIONS else (0,))
 ]
 staig_fusion_embeddings = [_staig_factory(r) for r in REPLICATES]
+staig_no_image_embeddings = [_staig_no_image_factory(r) for r in REPLICATES]
 clusterings = [
     _clustering_factory(name, _replicate_key(upstream, r) if trained else upstream, kind, method, r)
     for name, (upstream, kind, trained) in representations().items()

@@ -137,3 +137,21 @@ def test_slide_without_truth_keeps_clusterings_and_records_why(env, tmp_path):
     assert len(rows) == 2
     assert all(r[0] is None and r[1] == "skipped: slide has no truth labels" and r[2] > 0 for r in rows)
     assert {r[3] for r in rows} == {"evaluation/clustering_metrics/gene_pca__mclust"}
+
+
+def test_staig_without_image_is_its_own_asset_and_refuses_too_few_spots():
+    import anndata as ad
+    from dagster import build_asset_context
+
+    from mihd_resources import ComputeResource
+
+    (no_image,) = [a for a in fa.staig_no_image_embeddings if a.key == fa.fusion_key("staig_fusion__hvg__none")]
+    assert set(no_image.keys_by_input_name) == {"pre"}, "the no-image STAIG reads no vision embedding"
+    assert fa.fusion_key(fa.STAIG_NAME) != no_image.key
+    rng = np.random.default_rng(0)
+    pre = ad.AnnData(rng.normal(size=(4, 12)).astype(np.float32))
+    pre.obs_names = [f"spot{i}" for i in range(4)]
+    pre.obsm["spatial"] = rng.uniform(0, 100, size=(4, 2))
+    with build_asset_context(partition_key="four_spots", resources={"compute": ComputeResource(device="cpu")}) as ctx:
+        with pytest.raises(ValueError, match=r"slide 'four_spots' staig_fusion__hvg__none: .*k"):
+            list(no_image(ctx, pre=pre))
