@@ -83,7 +83,9 @@ def textbook(raw, n_clusters: int, seeds: int, refine_k: int) -> list[dict]:
     return rows
 
 
-def platform_rows(folder: Path, seeds: int, home: Path) -> list[dict]:
+def use_home(folder: Path, seeds: int, home: Path) -> None:
+    """Point the platform at a fresh home whose data root holds only this slide. Must run before
+    any platform module is imported: the matrix and paths are read from the environment then."""
     data_root = home / "data"
     data_root.mkdir(parents=True)
     (data_root / folder.name).symlink_to(folder.resolve())
@@ -92,6 +94,9 @@ def platform_rows(folder: Path, seeds: int, home: Path) -> list[dict]:
         "MIHD_PROFILE": "full", "MIHD_REPLICATES": str(seeds),
     })
     os.environ.pop("MIHD_ALLOW_RANDOM_WEIGHTS", None)
+
+
+def platform_rows(folder: Path, home: Path) -> list[dict]:
     from dagster import AssetKey, AssetSelection, DagsterInstance
 
     from dagster_project.cli import _instance
@@ -158,15 +163,18 @@ def main() -> int:
     if not args.slide_folder.is_dir():
         print(f"skipped: no slide folder at {args.slide_folder}")
         return 0
-    from mihd_assets.matrix import MATRIX
-
-    raw, n_layers = check_labels(args.slide_folder)
-    print(f"{args.slide_folder.name}: {raw.n_obs} spots x {raw.n_vars} genes, {n_layers} layers, {args.seeds} seeds",
-          flush=True)
-    started = time.perf_counter()
-    rows = textbook(raw, n_layers, args.seeds, MATRIX.refine_k)
     with tempfile.TemporaryDirectory(prefix="mihd_real_dlpfc_") as tmp:
-        rows += platform_rows(args.slide_folder, args.seeds, args.home or Path(tmp))
+        home = args.home or Path(tmp)
+        use_home(args.slide_folder, args.seeds, home)
+        from mihd_assets.matrix import MATRIX
+
+        assert MATRIX.replicates == args.seeds
+        raw, n_layers = check_labels(args.slide_folder)
+        print(f"{args.slide_folder.name}: {raw.n_obs} spots x {raw.n_vars} genes, {n_layers} layers, "
+              f"{args.seeds} seeds", flush=True)
+        started = time.perf_counter()
+        rows = textbook(raw, n_layers, args.seeds, MATRIX.refine_k)
+        rows += platform_rows(args.slide_folder, home)
     table = summarise(rows)
     text = table.to_markdown(index=False, floatfmt=".3f")
     print(text)

@@ -116,9 +116,10 @@ def _materialize_from_ui(page, base: str, asset: str, partition: str | None) -> 
     page.goto(f"{base}/assets/{asset}")
     _skip_community_dialog(page)
     if partition is None:
-        page.get_by_role("button", name=re.compile(r"^Materialize")).first.click()
+        # The accessible name starts with the icon's ligature text, so match the end only.
+        page.get_by_role("button", name=re.compile(r"Materialize(…)?$")).first.click()
         # An asset with run config opens the launchpad first; launch it with the defaults.
-        launchpad = page.get_by_role("button", name=re.compile(r"^Materialize$|^Launch"))
+        launchpad = page.locator("[role=dialog]").get_by_role("button", name=re.compile(r"(Materialize|Launch[^)]*)$"))
         toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))
         expect(toast.or_(launchpad.last)).to_be_visible()
         if not toast.is_visible():
