@@ -127,7 +127,15 @@ def _materialize_from_ui(page, base: str, asset: str, partition: str | None) -> 
     else:
         page.get_by_role("button", name="Materialize…").first.click()
         dialog = page.locator("[role=dialog]")
-        dialog.get_by_text("Select a partition or create one").click()
+        picker, search = dialog.get_by_text("Select a partition or create one"), page.get_by_placeholder("Filter partitions")
+        for _ in range(3):  # the picker ignores a click that lands while the dialog is still rendering
+            picker.click()
+            try:
+                search.wait_for(state="visible", timeout=10_000)
+                break
+            except Exception:  # noqa: BLE001 - playwright's TimeoutError: click again
+                continue
+        search.fill(partition)
         page.locator(f"text={partition} >> visible=true").first.click()
         page.keyboard.press("Escape")
         dialog.get_by_role("button", name="Launch 1 run").click()
