@@ -159,6 +159,32 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def _imported_provenance(instance, graph, key, partition: str, sha256: str) -> dict[str, str]:
+    """Dagster's provenance tags for an imported value: its own data version (the file's hash),
+    the asset's current code version, and the data versions of its inputs as they are now, so
+    Dagster counts the import as in sync with its upstream instead of re-computing it."""
+    from dagster._core.definitions.data_version import (
+        CODE_VERSION_TAG,
+        DATA_VERSION_TAG,
+        CachingStaleStatusResolver,
+        get_input_data_version_tag,
+        get_input_event_pointer_tag,
+    )
+    from dagster._core.loader import LoadingContextForTest
+
+    resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+    tags = {DATA_VERSION_TAG: f"imported-{sha256[:20]}", CODE_VERSION_TAG: graph.get(key).code_version}
+    for parent in graph.get(key).parent_keys:
+        source = graph.get(parent).is_external
+        record = instance.get_latest_data_version_record(parent, is_source=source, partition_key=partition)
+        if record is None:
+            raise ValueError(f"cannot import {key.to_user_string()} [{partition}]: its input {parent.to_user_string()} "
+                             "has no materialization for that slide")
+        tags[get_input_data_version_tag(parent)] = resolver.get_current_data_version(parent, partition).value
+        tags[get_input_event_pointer_tag(parent)] = str(record.storage_id)
+    return tags
+
+
 def cmd_import_embeddings(args) -> int:
     """Store each cached array as its embedding asset's partition and report the materialization.
 
@@ -174,6 +200,7 @@ def cmd_import_embeddings(args) -> int:
     from mihd_resources.orchestration import slides_partitions
     from mihd_assets.embeddings.assets import ALL_EMBEDDING_KEYS
     from mihd_assets.embeddings.import_cache import load_entry, scan_cache
+    from mihd_assets.fileio import file_sha256
     from mihd_assets.matrix import MATRIX
     from mihd_assets.slides.assets import RAW_SLIDE
 
@@ -215,6 +242,7 @@ def cmd_import_embeddings(args) -> int:
             print(f"would import {entry.path} -> {key.to_user_string()} [{entry.slide_id}] {embedding.values.shape}")
             continue
         embedding.save(target)
+        tags = _imported_provenance(instance, graph, key, entry.slide_id, file_sha256(entry.path))
         instance.report_runless_asset_event(AssetMaterialization(
             asset_key=key,
             partition=entry.slide_id,
@@ -225,7 +253,7 @@ def cmd_import_embeddings(args) -> int:
                 "dims": int(embedding.values.shape[1]),
                 "n_spots": int(embedding.values.shape[0]),
             },
-            tags={"dagster/code_version": graph.get(key).code_version, "mihd/imported": "true"},
+            tags={**tags, "mihd/imported": "true"},
         ))
         imported += 1
         print(f"imported {entry.path} -> {key.to_user_string()} [{entry.slide_id}] {embedding.values.shape} "

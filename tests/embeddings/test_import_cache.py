@@ -97,9 +97,10 @@ def test_import_command_reports_materializations_that_downstream_reuses(material
     # Of the embeddings group only the DuckDB writer runs again; the imported embeddings are
     # not recomputed (fusions and clusterings downstream of them are, as they should be).
     assert re.search(
-        r"materializing 1 asset\(s\): embeddings/embedding_runs_metrics \(upstream "
-        r"embeddings/(gene_pca|vision_resnet50_freq) is newer\)", plan.stdout
+        r"materializing 1 asset\(s\):\n    embeddings/embedding_runs_metrics \("
+        r"embeddings/(gene_pca|vision_resnet50_freq)\[demo_01\] has a new data version", plan.stdout
     ), plan.stdout
+    assert "embeddings/gene_pca (" not in plan.stdout and "embeddings/vision_resnet50_freq (" not in plan.stdout
     done = run_cli(["materialize", "--only", "embeddings", "--partition", "demo_01"], env)
     assert done.returncode == 0, done.stdout + done.stderr
     with duckdb.connect(str(home / "mihd.duckdb"), read_only=True) as con:
