@@ -94,12 +94,16 @@ def _graphql(base: str, query: str, variables: dict) -> dict:
 
 
 def _ui_unsynced(base: str, partition: str) -> set[str]:
-    """What the UI marks unsynced or missing for one slide: the webserver's own stale status."""
+    """What the UI marks unsynced or missing for one slide: the webserver's own stale status of
+    every slide-partitioned asset (the donor-partitioned segmentation assets have no such partition)."""
+    nodes = _graphql(base, "{ assetNodes { assetKey { path } groupName isPartitioned isMaterializable } }", {})
+    keys = [n["assetKey"] for n in nodes["assetNodes"]
+            if n["isMaterializable"] and n["isPartitioned"] and n["groupName"] != "segmentation"]
     data = _graphql(base, """
-        query($p: String!) { assetNodes { assetKey { path } isMaterializable isPartitioned
-                                          staleStatus(partition: $p) } }""", {"p": partition})
-    return {"/".join(n["assetKey"]["path"]) for n in data["assetNodes"]
-            if n["isMaterializable"] and n["isPartitioned"] and n["staleStatus"] in ("STALE", "MISSING")}
+        query($keys: [AssetKeyInput!]!, $p: String!) {
+          assetNodes(assetKeys: $keys) { assetKey { path } staleStatus(partition: $p) } }""",
+                    {"keys": keys, "p": partition})
+    return {"/".join(n["assetKey"]["path"]) for n in data["assetNodes"] if n["staleStatus"] in ("STALE", "MISSING")}
 
 
 def _dry_run_lists(env: dict, partition: str) -> set[str]:
