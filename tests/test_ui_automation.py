@@ -140,7 +140,9 @@ def _materialize_from_ui(page, base: str, asset: str, partition: str | None) -> 
             except Exception:  # noqa: BLE001 - playwright's TimeoutError: click again
                 continue
         search.fill(partition)
-        page.locator(f"text={partition} >> visible=true").first.click()
+        # The picker renders in a portal at the end of the page; the asset page may show the same
+        # partition name (its latest materialization) under the dialog.
+        page.locator(f"text={partition} >> visible=true").last.click()
         page.keyboard.press("Escape")
         dialog.get_by_role("button", name="Launch 1 run").click()
     toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))
