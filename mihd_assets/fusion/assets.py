@@ -158,6 +158,27 @@ def _fusion_factory(method: str, gene: str, vision: str, replicate: int = 0):
     return _asset
 
 
+def _staig_output(context, compute: ComputeResource, pre, image_raw, config, name: str, replicate: int, *,
+                  vision_name: str, weights: str) -> Output:
+    """Run STAIG (image or no-image mode, as ``config`` says) on the `staig` preset's HVG matrix."""
+    from dataclasses import replace
+
+    from .staig import staig_fusion
+
+    where = f"slide '{context.partition_key}' {name}"
+    if settings.profile() == "demo":
+        config = replace(config, epochs=DEMO_STAIG_EPOCHS)
+    hvg = pre.X.toarray() if hasattr(pre.X, "toarray") else np.asarray(pre.X)
+    try:
+        out, info = staig_fusion(hvg, np.asarray(pre.obsm["spatial"]), image_raw, config,
+                                 device=str(compute.torch_device()), progress=_progress(context, where))
+    except ValueError as err:  # re-raised with the slide and asset it happened in
+        raise ValueError(f"{where}: {err}") from err
+    record = {**info, "gene_encoder": "hvg", "vision": vision_name, "weights": weights,
+              "profile": settings.profile(), "replicate": replicate}
+    return Output(SpotEmbedding(out, list(pre.obs_names), record), metadata={**_as_metadata(record)})
+
+
 def _staig_factory(replicate: int = 0):
     from .staig import StaigConfig
 
@@ -182,19 +203,10 @@ def _staig_factory(replicate: int = 0):
         ),
     )
     def _asset(context: AssetExecutionContext, compute: ComputeResource, pre, vision):
-        from .staig import staig_fusion
-
-        slide_id = context.partition_key
-        where = f"slide '{slide_id}' {name}"
-        hvg = pre.X.toarray() if hasattr(pre.X, "toarray") else np.asarray(pre.X)
-        spots = SpotEmbedding(np.zeros((pre.n_obs, 1)), list(pre.obs_names))
-        image_raw = _aligned(spots, vision, where)
-        config = StaigConfig(seed=seed, **({"epochs": DEMO_STAIG_EPOCHS} if settings.profile() == "demo" else {}))
-        out, info = staig_fusion(hvg, np.asarray(pre.obsm["spatial"]), image_raw, config,
-                                 device=str(compute.torch_device()), progress=_progress(context, where))
-        record = {**info, "gene_encoder": "hvg", "vision": MATRIX.staig_vision, "weights": _upstream_weights(vision),
-                  "profile": settings.profile(), "replicate": replicate}
-        yield Output(SpotEmbedding(out, list(pre.obs_names), record), metadata={**_as_metadata(record)})
+        where = f"slide '{context.partition_key}' {name}"
+        image_raw = _aligned(SpotEmbedding(np.zeros((pre.n_obs, 1)), list(pre.obs_names)), vision, where)
+        yield _staig_output(context, compute, pre, image_raw, StaigConfig(seed=seed), name, replicate,
+                            vision_name=MATRIX.staig_vision, weights=_upstream_weights(vision))
 
     return _asset
 
@@ -223,21 +235,8 @@ def _staig_no_image_factory(replicate: int = 0):
         ),
     )
     def _asset(context: AssetExecutionContext, compute: ComputeResource, pre):
-        from .staig import staig_fusion
-
-        slide_id = context.partition_key
-        where = f"slide '{slide_id}' {name}"
-        hvg = pre.X.toarray() if hasattr(pre.X, "toarray") else np.asarray(pre.X)
-        config = StaigConfig(image_mode="none", seed=seed,
-                             **({"epochs": DEMO_STAIG_EPOCHS} if settings.profile() == "demo" else {}))
-        try:
-            out, info = staig_fusion(hvg, np.asarray(pre.obsm["spatial"]), None, config,
-                                     device=str(compute.torch_device()), progress=_progress(context, where))
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from err
-        record = {**info, "gene_encoder": "hvg", "vision": "none", "weights": "none (no image)",
-                  "profile": settings.profile(), "replicate": replicate}
-        yield Output(SpotEmbedding(out, list(pre.obs_names), record), metadata={**_as_metadata(record)})
+        yield _staig_output(context, compute, pre, None, StaigConfig(image_mode="none", seed=seed), name, replicate,
+                            vision_name="none", weights="none (no image)")
 
     return _asset
 
