@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Debian packages the platform uses: R + mclust (the default clustering, through rpy2)
-# and Chromium (headless UI tests). Installed only when missing and apt is available.
+# Debian packages the platform uses: R + mclust (the default clustering, through rpy2),
+# Chromium (headless UI tests), Slurm + munge (the `executor: slurm` tests start a one-node
+# cluster) and PostgreSQL (the Postgres-backed Dagster instance tests). Installed only when
+# missing and apt is available; tests that need a missing one skip and say which.
 set -euo pipefail
 
 need=()
@@ -10,12 +12,22 @@ fi
 if [ ! -x /usr/bin/chromium ]; then
   need+=(chromium)
 fi
+if ! command -v slurmctld >/dev/null 2>&1 || ! command -v sbatch >/dev/null 2>&1; then
+  need+=(slurm-wlm)
+fi
+if ! command -v munged >/dev/null 2>&1; then
+  need+=(munge)
+fi
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+  need+=(postgresql)
+fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "WARNING: apt-get not available; install ${need[*]} yourself (R + mclust are needed for" \
-       "the default clustering, chromium for the UI tests)." >&2
+       "the default clustering, chromium for the UI tests, slurm-wlm/munge/postgresql for the"\
+       "cluster tests)." >&2
   exit 0
 fi
 SUDO=""
