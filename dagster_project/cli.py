@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from dagster_project.instance_check import InstanceStorageError, check_instance_storage
 from mihd_resources import settings
 
 DEMO_SLIDES = 3
@@ -30,6 +31,7 @@ def _instance():
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
         (home / "dagster.yaml").write_text((Path(__file__).parent / "dagster.yaml").read_text())
+    check_instance_storage(home)  # a Postgres instance: connect once, name the setting if that fails
     return DagsterInstance.get()
 
 
@@ -67,12 +69,13 @@ def _register_partitions(instance, echo=print) -> None:
 def _observe_sources(defs, instance) -> None:
     """Observe every input source (slide folders, donor tiles, annotations, clinical table)."""
     from dagster_project.jobs import OBSERVE_SLIDES_JOB_NAME
+    from dagster_project.materialize import launcher_tags
     from mihd_assets.segmentation.partitions import OBSERVE_JOB_NAME
     from mihd_resources.orchestration import step_errors
 
     for name in (OBSERVE_SLIDES_JOB_NAME, OBSERVE_JOB_NAME):
         result = defs.resolve_job_def(name).execute_in_process(
-            instance=instance, raise_on_error=False, tags={"mihd/launched_by": "mihd materialize"},
+            instance=instance, raise_on_error=False, tags={"mihd/launched_by": "mihd materialize", **launcher_tags()},
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
         )
         if not result.success:
@@ -109,12 +112,31 @@ def _units(defs, instance, partitions: list[str] | None, groups: list[str] | Non
     return [u for u in units if u.keys]
 
 
+def _execution(args):
+    """How runs execute: ``--serial`` in this process; else the multiprocess executor with
+    ``--max-concurrent`` (or $MIHD_MAX_CONCURRENT, default: the CPUs) step processes."""
+    from dagster_project.materialize import Execution, default_max_concurrent
+
+    max_concurrent = getattr(args, "max_concurrent", None)
+    if max_concurrent is not None and max_concurrent < 1:
+        raise SystemExit("mihd: --max-concurrent must be at least 1")
+    return Execution(serial=bool(getattr(args, "serial", False)),
+                     max_concurrent=max_concurrent or default_max_concurrent())
+
+
 def cmd_materialize(args) -> int:
     from dagster_project.definitions import defs
-    from dagster_project.materialize import execute
+    from dagster_project.materialize import execute, reap_dead_runs
 
+    try:
+        execution = _execution(args)
+    except ValueError as err:  # a malformed $MIHD_MAX_CONCURRENT
+        print(f"mihd: {err}", file=sys.stderr)
+        return 2
     instance = _instance()
     started = time.perf_counter()
+    # Runs whose `mihd` process was killed would hold their gpu / duckdb_writer slots forever.
+    reap_dead_runs(instance)
     _register_partitions(instance)
     _observe_sources(defs, instance)
     units = _units(defs, instance, args.partition, getattr(args, "only", None))
@@ -123,7 +145,7 @@ def cmd_materialize(args) -> int:
         return 0
     failures = execute(
         defs, instance, units, dry_run=args.dry_run, log_level="INFO" if args.verbose else "WARNING",
-        tags={"mihd/launched_by": "mihd materialize", "mihd/profile": settings.profile()},
+        tags={"mihd/launched_by": "mihd materialize", "mihd/profile": settings.profile()}, execution=execution,
     )
     print(f"materialize finished in {time.perf_counter() - started:.1f} s; "
           f"{failures} partition(s) failed or blocked", flush=True)
@@ -133,7 +155,7 @@ def cmd_materialize(args) -> int:
 def cmd_sql(args) -> int:
     from tabulate import tabulate
 
-    from mihd_resources.metrics_store import read_only_query
+    from mihd_resources.metrics_store import ensure_catalog, metrics_dir_for, read_only_query
 
     sql = Path(args.file).read_text() if args.file else args.query
     if not sql:
@@ -142,6 +164,10 @@ def cmd_sql(args) -> int:
     import duckdb
 
     database = args.db or settings.duckdb_path()
+    if metrics_dir_for(database).is_dir():
+        # Metrics written as Parquet: (re)build the catalog of views if it is missing or older
+        # than sql/ (into a new file that replaces it; other readers are not blocked).
+        ensure_catalog(database, metrics_dir_for(database))
     if not Path(database).is_file():
         print(f"mihd sql: no metrics database at {database} yet; run `make demo` or `mihd materialize` first "
               "(or pass --db PATH)", file=sys.stderr)
@@ -277,7 +303,8 @@ def cmd_demo(args) -> int:
     for name, write in family_demo_writers():
         family_started = time.perf_counter()
         print(f"{name}: {write()} ({time.perf_counter() - family_started:.1f} s)", flush=True)
-    code = cmd_materialize(argparse.Namespace(partition=None, dry_run=False, verbose=args.verbose, only=None))
+    code = cmd_materialize(argparse.Namespace(partition=None, dry_run=False, verbose=args.verbose, only=None,
+                                              serial=args.serial, max_concurrent=args.max_concurrent))
     home = settings.mihd_home()
     print(
         f"\nDemo finished in {time.perf_counter() - started:.1f} s (profile: {settings.profile()}).\n"
@@ -291,11 +318,19 @@ def cmd_demo(args) -> int:
     return code
 
 
+def _add_execution_args(p) -> None:
+    p.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="step processes at once, over all runs in flight (default: $MIHD_MAX_CONCURRENT or the CPUs)")
+    p.add_argument("--serial", action="store_true",
+                   help="run each slide's steps in this process, one at a time (debugging)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mihd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="write demo data and materialize every asset on it")
     p.add_argument("--verbose", action="store_true", help="show Dagster's INFO logs")
+    _add_execution_args(p)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("demo-data", help="write the demo slides (idempotent)")
     p.add_argument("--slides", type=int, default=DEMO_SLIDES)
@@ -306,11 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", action="store_true", help="show Dagster's INFO logs")
     p.add_argument("--only", action="append", metavar="GROUP",
                    help="only assets of this group (slides, embeddings, fusion, clustering, evaluation, reports, geometry, segmentation); repeatable")
+    _add_execution_args(p)
     p.set_defaults(fn=cmd_materialize)
     p = sub.add_parser("sql", help="run read-only SQL on the metrics database")
     p.add_argument("query", nargs="?")
     p.add_argument("--file", help="read the query from a .sql file (e.g. sql/queries/...)")
-    p.add_argument("--db", help="DuckDB file (default: $MIHD_DUCKDB or $MIHD_HOME/mihd.duckdb)")
+    p.add_argument("--db", help="DuckDB catalog file (default: $MIHD_DUCKDB or $MIHD_HOME/mihd.duckdb); "
+                                "its rows are the Parquet files in <stem>_metrics/ beside it")
     p.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     p.set_defaults(fn=cmd_sql)
     p = sub.add_parser("import-embeddings", help="record an old .npz/.npy embedding cache as materializations")
@@ -319,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="check and print, store nothing")
     p.set_defaults(fn=cmd_import_embeddings)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except InstanceStorageError as exc:
+        print(f"mihd: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,14 +9,25 @@ children of a parent whose content did not change stay in sync and are not recom
 
 A partition downstream of a failed blocking check (``spots_on_tissue``) is reported as
 blocked, not retried, until its input files change.
+
+Each unit's run goes through Dagster's multiprocess executor with this process as its run
+worker (logs and errors in the user's shell), several units at once (``Execution``); every run
+carries tags naming its launcher, so a later `mihd materialize` marks a run whose launcher was
+killed as failed and frees its pool slots (``reap_dead_runs``).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import socket
 import threading
 import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
@@ -148,18 +159,245 @@ def _partitions_name(graph, key: AssetKey) -> str | None:
     return pdef.name if pdef is not None else None
 
 
+# --- execution -------------------------------------------------------------------------------
+
+# Tags on every run `mihd` launches: who runs it (host, pid, the pid's start) so a later
+# `mihd materialize` can tell a run whose process died from one still going, and one token per
+# launch so the heartbeat finds its run while it executes.
+TAG_HOST = "mihd/launcher_host"
+TAG_PID = "mihd/launcher_pid"
+TAG_START = "mihd/launcher_start"
+TAG_ATTEMPT = "mihd/attempt"
+DEFINITIONS_MODULE = "dagster_project.definitions"
+
+
+def default_max_concurrent() -> int:
+    """``$MIHD_MAX_CONCURRENT`` when set, else the number of CPUs."""
+    raw = os.environ.get("MIHD_MAX_CONCURRENT", "").strip()
+    if not raw:
+        return os.cpu_count() or 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"MIHD_MAX_CONCURRENT={raw!r}: give a positive number of step processes")
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the planned runs execute.
+
+    By default each unit's run goes through Dagster's multiprocess executor, this process being
+    the run worker: independent steps run in child processes, ``max_concurrent`` step processes
+    in all (split between the runs in flight), up to ``max_runs`` units at once (default: the
+    instance's ``max_concurrent_runs``). Op-granularity pools (``gpu``, ``duckdb_writer``) are
+    claimed through the instance, so they hold within a run and across runs. ``serial`` runs
+    each unit in this process, one step at a time (for debugging: breakpoints, one traceback).
+    """
+
+    serial: bool = False
+    max_concurrent: int = field(default_factory=default_max_concurrent)
+    max_runs: int | None = None
+
+
+def launcher_tags() -> dict[str, str]:
+    """The tags naming this process as the launcher of a run."""
+    return {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()), TAG_START: _process_start(os.getpid()) or ""}
+
+
+def _boot_id() -> str:
+    path = Path("/proc/sys/kernel/random/boot_id")
+    return path.read_text().strip() if path.exists() else ""
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (None: no such process)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def _process_start(pid: int) -> str | None:
+    """An identity of process ``pid`` that changes when the pid is reused (boot id and start
+    tick on Linux; "" where the system does not say), or None when no such process exists."""
+    if Path("/proc/self/stat").exists():
+        fields = _proc_stat(pid)
+        if fields is None or fields[0] == "Z":  # a zombie has finished running
+            return None
+        return f"{_boot_id()}:{fields[19]}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's process: it exists
+        pass
+    return ""
+
+
+def _process_started_at(pid: int) -> float | None:
+    """Epoch seconds at which process ``pid`` started (Linux), None when gone or unknown."""
+    fields = _proc_stat(pid) if Path("/proc/stat").exists() else None
+    if fields is None or fields[0] == "Z":
+        return None
+    btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                 if line.startswith("btime "))
+    return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def launcher_alive(tags) -> bool:
+    """Whether the process named by a run's launcher tags (on this host) still runs."""
+    current = _process_start(int(tags[TAG_PID]))
+    if current is None:
+        return False
+    recorded = tags.get(TAG_START, "")
+    return not (recorded and current and recorded != current)
+
+
+def _live_step_workers(instance: DagsterInstance, run_id: str) -> list[int]:
+    """Step worker processes of a run (multiprocess executor) that still run on this host:
+    a step child outlives its killed parent, and holds its pool slot's resource until it ends."""
+    from dagster import DagsterEventType
+
+    alive = []
+    for entry in instance.all_logs(run_id, of_type=DagsterEventType.STEP_WORKER_STARTED):
+        pid_value = entry.dagster_event.event_specific_data.metadata.get("pid")
+        if pid_value is None:
+            continue
+        pid = int(pid_value.value)
+        started = _process_started_at(pid)
+        # The same pid started after the event was logged is another process.
+        if started is not None and started <= entry.timestamp + 2.0:
+            alive.append(pid)
+    return alive
+
+
+def reap_dead_runs(instance: DagsterInstance, echo=print) -> list[str]:
+    """Mark failed every unfinished run launched by `mihd` on this host whose launcher is gone,
+    and free the pool slots it holds; returns their run ids.
+
+    A run whose worker was killed (kill -9, the OOM killer) stays STARTED and keeps its ``gpu``
+    slot, so every later GPU step would wait for it forever. Runs of other hosts are left to
+    their own host; runs launched by the daemon are handled by run monitoring (dagster.yaml).
+    """
+    from dagster import DagsterRunStatus, RunsFilter
+
+    host = socket.gethostname()
+    unfinished = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+    reaped = []
+    with_slots = None
+    for record in instance.get_run_records(filters=RunsFilter(statuses=unfinished)):
+        run = record.dagster_run
+        short = run.run_id[:8]
+        if TAG_PID not in run.tags:
+            if with_slots is None:
+                storage = instance.event_log_storage
+                with_slots = storage.get_concurrency_run_ids() if storage.supports_global_concurrency_limits else set()
+            if run.run_id in with_slots:
+                echo(f"run {short} ({run.job_name}) is {run.status.value} and holds pool slots but was not launched "
+                     "by mihd; if its process is gone, terminate it in the UI (Runs page)")
+            continue
+        if run.tags.get(TAG_HOST) != host or launcher_alive(run.tags):
+            continue
+        workers = _live_step_workers(instance, run.run_id)
+        partition = run.tags.get("dagster/partition")
+        what = f"run {short}" + (f" ({partition})" if partition else "")
+        if workers:
+            echo(f"{what}: its launcher (pid {run.tags[TAG_PID]}) is gone but step process(es) "
+                 f"{', '.join(map(str, workers))} still run; leaving its pool slots until they end")
+            continue
+        message = (f"the mihd process that ran it (pid {run.tags[TAG_PID]} on {host}) is gone "
+                   "(killed?); marked failed by a later `mihd materialize`")
+        if run.status == DagsterRunStatus.CANCELING:
+            instance.report_run_canceled(run, message=f"Run canceled: {message}")
+        else:
+            instance.report_run_failed(run, message=f"Run failed: {message}")
+        if instance.event_log_storage.supports_global_concurrency_limits:
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        echo(f"{what}: {message}; freed its pool slots")
+        reaped.append(run.run_id)
+    return reaped
+
+
+@dataclass
+class _Outcome:
+    label: str
+    run_id: str
+    success: bool
+    seconds: float
+    errors: list[str]
+
+
+class _Runner:
+    """Executes one unit's planned assets as one Dagster run."""
+
+    def __init__(self, defs, instance: DagsterInstance, log_level: str, tags: dict, execution: Execution):
+        self.instance = instance
+        self.tags = {**tags, **launcher_tags()}
+        self.execution = execution
+        self.job = defs.resolve_implicit_global_asset_job_def()
+        self.loggers = {"console": {"config": {"log_level": log_level}}}
+        if not execution.serial:
+            from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+            repository = ReconstructableRepository.for_module(DEFINITIONS_MODULE, "defs")
+            self.recon_job = repository.get_reconstructable_job(self.job.name)
+
+    def run(self, p: UnitPlan, token: str, processes: int) -> _Outcome:
+        tags = {**self.tags, TAG_ATTEMPT: token}
+        started = time.perf_counter()
+        if self.execution.serial:
+            result = self.job.execute_in_process(
+                instance=self.instance, partition_key=p.unit.partition, asset_selection=list(p.todo),
+                raise_on_error=False, tags=tags, run_config={"loggers": self.loggers},
+            )
+            errors = step_errors(result) if not result.success else []
+        else:
+            from dagster import execute_job
+
+            if p.unit.partition is not None:
+                tags["dagster/partition"] = p.unit.partition
+            result = execute_job(
+                self.recon_job, instance=self.instance, asset_selection=list(p.todo), tags=tags,
+                raise_on_error=False, run_config={"loggers": self.loggers, "execution": {"config": {
+                    "multiprocess": {"max_concurrent": processes, "start_method": _start_method()}}}},
+            )
+            errors = step_errors(self.instance, result.run_id) if not result.success else []
+        return _Outcome(p.unit.label, result.run_id, result.success, time.perf_counter() - started, errors)
+
+
+def _start_method() -> dict:
+    """Step processes forked from a server that imported the definitions once (a step then
+    starts in about a second instead of re-importing torch, scanpy and every asset module)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return {"forkserver": {"preload_modules": [DEFINITIONS_MODULE]}}
+    return {"spawn": {}}
+
+
+def _shares(total: int, runs: int) -> list[int]:
+    """``total`` step processes split between ``runs`` runs (each at least one)."""
+    base, extra = divmod(max(total, runs), runs)
+    return [base + (1 if i < extra else 0) for i in range(runs)]
+
+
 def execute(defs, instance: DagsterInstance, units: list[Unit], *, dry_run: bool, log_level: str, tags: dict,
-            max_waves: int = 30, echo=print) -> int:
+            max_waves: int = 30, echo=print, execution: Execution | None = None) -> int:
     """Materialize in waves until nothing is missing or unsynced; returns the number of failed or
-    blocked units."""
+    blocked units. The runs of one wave go concurrently (see ``Execution``)."""
+    execution = execution or Execution()
     graph = defs.resolve_asset_graph()
-    job = defs.resolve_implicit_global_asset_job_def()
+    runner = None if dry_run else _Runner(defs, instance, log_level, tags, execution)
+    lock = threading.Lock()
+
+    def say(message: str) -> None:
+        with lock:
+            echo(message, flush=True)
+
     failed: dict[str, str] = {}
     blocked: dict[str, str] = {}
     announced_fresh: set[str] = set()
     for wave in range(1, max_waves + 1):
         plans = [p for p in plan(instance, graph, units) if p.unit.label not in failed]
-        progressed = False
+        launches = []
         for p in plans:
             label = p.unit.label
             if p.blocked and not p.todo:
@@ -176,29 +414,21 @@ def execute(defs, instance: DagsterInstance, units: list[Unit], *, dry_run: bool
                 continue
             echo(f"{label}: materializing {describe(p.todo, full=dry_run)}" + (f" (wave {wave})" if wave > 1 else ""),
                  flush=True)
-            if dry_run:
-                continue
-            started = time.perf_counter()
-            with heartbeat(instance, label, echo):
-                result = job.execute_in_process(
-                    instance=instance, partition_key=p.unit.partition, asset_selection=list(p.todo),
-                    raise_on_error=False, tags=tags,
-                    run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-                )
-            seconds = time.perf_counter() - started
-            if result.success:
-                echo(f"{label}: done in {seconds:.1f} s (run {result.run_id[:8]})", flush=True)
-                progressed = True
-            else:
-                failed[label] = result.run_id
-                echo(f"{label}: FAILED after {seconds:.1f} s (run {result.run_id[:8]})", flush=True)
-                for line in step_errors(result):
-                    echo(f"    {line}", flush=True)
+            launches.append(p)
         if dry_run:
-            if any(p.todo for p in plans):
+            if launches:
                 echo("(dry run: nothing was materialized; the sources were observed. Children of these assets "
                      "become unsynced only if their parents' data versions change.)")
             break
+        progressed = False
+        for outcome in _run_wave(runner, instance, launches, execution, say):
+            if outcome.success:
+                say(f"{outcome.label}: done in {outcome.seconds:.1f} s (run {outcome.run_id[:8]})")
+                progressed = True
+            else:
+                failed[outcome.label] = outcome.run_id
+                say(f"{outcome.label}: FAILED after {outcome.seconds:.1f} s (run {outcome.run_id[:8]})" +
+                    "".join(f"\n    {line}" for line in outcome.errors))
         if not progressed:
             break
     else:
@@ -206,35 +436,96 @@ def execute(defs, instance: DagsterInstance, units: list[Unit], *, dry_run: bool
     return len(failed) + len(blocked)
 
 
+def _run_wave(runner: _Runner, instance: DagsterInstance, launches: list[UnitPlan], execution: Execution, say):
+    """Run the wave's units, at most ``runs`` at a time; yields each outcome as it finishes."""
+    if not launches:
+        return
+    if execution.serial:
+        runs = 1
+    else:
+        limit = execution.max_runs or instance.get_concurrency_config().run_queue_config.max_concurrent_runs
+        runs = max(1, min(len(launches), limit if limit and limit > 0 else len(launches), execution.max_concurrent))
+    shares = _shares(1 if execution.serial else execution.max_concurrent, runs)
+    tokens = {p.unit.label: uuid.uuid4().hex for p in launches}
+    with heartbeat(instance, tokens, say) as in_flight:
+        if runs == 1:
+            for p in launches:
+                in_flight.start(p.unit.label)
+                outcome = runner.run(p, tokens[p.unit.label], shares[0])
+                in_flight.finish(p.unit.label)
+                yield outcome
+            return
+        free = list(range(runs))  # which share each run in flight has
+        queue = list(launches)
+        with ThreadPoolExecutor(max_workers=runs, thread_name_prefix="mihd-run") as pool:
+            pending = {}
+
+            def submit(p: UnitPlan) -> None:
+                slot = free.pop(0)
+                in_flight.start(p.unit.label)
+                pending[pool.submit(runner.run, p, tokens[p.unit.label], shares[slot])] = (p, slot)
+
+            while queue and free:
+                submit(queue.pop(0))
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    p, slot = pending.pop(future)
+                    in_flight.finish(p.unit.label)
+                    free.append(slot)
+                    yield future.result()
+                while queue and free:
+                    submit(queue.pop(0))
+
+
+class _InFlight:
+    def __init__(self):
+        self.started: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def start(self, label: str) -> None:
+        with self.lock:
+            self.started[label] = time.perf_counter()
+
+    def finish(self, label: str) -> None:
+        with self.lock:
+            self.started.pop(label, None)
+
+    def now(self) -> dict[str, float]:
+        with self.lock:
+            return dict(self.started)
+
+
 @contextmanager
-def heartbeat(instance: DagsterInstance, label: str, echo, every_s: float = 20.0):
-    """A progress line at least every ``every_s`` seconds while a run executes in this process:
-    elapsed time, steps finished, and the step running now (read from the run's event log)."""
-    from dagster import DagsterEventType
+def heartbeat(instance: DagsterInstance, tokens: dict[str, str], say, every_s: float = 20.0):
+    """A progress line per run in flight at least every ``every_s`` seconds: elapsed time, steps
+    finished, and the steps running now (read from the run's event log, found by its token tag)."""
+    from dagster import DagsterEventType, RunsFilter
 
     stop = threading.Event()
-    started = time.perf_counter()
-    newest = instance.get_run_records(limit=1)
-    before = newest[0].dagster_run.run_id if newest else None
+    in_flight = _InFlight()
 
     def beat():
         while not stop.wait(every_s):
-            records = instance.get_run_records(limit=1)
-            line = f"  ... {label}: {time.perf_counter() - started:.0f} s"
-            if not records or records[0].dagster_run.run_id == before:
-                echo(line, flush=True)
-                continue
-            run_id = records[0].dagster_run.run_id
-            begun = instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)
-            done = instance.all_logs(run_id, of_type={DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE})
-            finished = {e.step_key for e in done}
-            running = [e.step_key for e in begun if e.step_key not in finished]
-            echo(f"{line}, {len(finished)} step(s) done" + (f", running {running[-1]}" if running else ""), flush=True)
+            for label, started in in_flight.now().items():
+                line = f"  ... {label}: {time.perf_counter() - started:.0f} s"
+                records = instance.get_run_records(filters=RunsFilter(tags={TAG_ATTEMPT: tokens[label]}), limit=1)
+                if not records:
+                    say(line)
+                    continue
+                run_id = records[0].dagster_run.run_id
+                begun = instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)
+                done = instance.all_logs(run_id, of_type={DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE})
+                finished = {e.step_key for e in done}
+                running = [e.step_key for e in begun if e.step_key not in finished]
+                more = f" (+{len(running) - 2})" if len(running) > 2 else ""
+                say(f"{line}, {len(finished)} step(s) done" +
+                    (f", running {', '.join(running[-2:])}{more}" if running else ""))
 
     thread = threading.Thread(target=beat, name="mihd-heartbeat", daemon=True)
     thread.start()
     try:
-        yield
+        yield in_flight
     finally:
         stop.set()
         thread.join()

@@ -6,8 +6,32 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux's
+    /proc/self/status); elsewhere set and restored at once, under a lock."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except FileNotFoundError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def shared_file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0o666 less the umask (mkstemp's is 0o600)."""
+    return 0o666 & ~current_umask()
 
 
 @contextlib.contextmanager
@@ -15,7 +39,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` on success.
 
     Readers never see a half-written file: either the old file or the complete new one.
-    On any exception the temporary file is removed and ``target`` is untouched.
+    On any exception the temporary file is removed and ``target`` is untouched. The file gets
+    the permissions the umask allows (as a plain ``open()`` would), not mkstemp's 0o600, so
+    the lab's other members can read it on a shared filesystem.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +50,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # After the writer: a library may have replaced the temporary file with its own.
+        os.chmod(tmp_path, shared_file_mode())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

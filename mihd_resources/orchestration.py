@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Callable
 
 from dagster import (
@@ -33,9 +34,13 @@ warnings.filterwarnings("ignore", category=BetaWarning)
 __all__ = [
     "changed_data_versions",
     "DUCKDB_WRITER_POOL",
+    "GPU_FAMILIES",
     "GPU_POOL",
+    "K8S_CONFIG_ENV",
+    "K8sConfigError",
     "NIGHTLY_CRON",
     "gpu_op_tags",
+    "load_k8s_step_settings",
     "nightly_condition",
     "run_record_metadata",
     "slides_partitions",
@@ -107,24 +112,277 @@ def changed_data_versions(instance, key: AssetKey, current: dict[str, str]) -> D
     return DataVersionsByPartition(changed)
 
 
-def gpu_op_tags(gpus: int = 1, memory: str = "32Gi", cpu: str = "8") -> dict[str, str]:
-    """Op tags asking dagster-k8s for a pod with ``gpus`` NVIDIA GPUs (and host RAM/CPU for loaders).
+# --- Kubernetes step pods ---------------------------------------------------------------------
+# Which pod each step gets under dagster-k8s's ``k8s_job_executor`` comes from configuration only:
+# the YAML file named by MIHD_K8S_CONFIG (see deploy/k8s/README.md), or the built-in defaults.
 
-    With the ``k8s_job_executor`` each tagged step runs in its own pod; locally the tag is
-    ignored and the ``gpu`` pool keeps one GPU step at a time.
+K8S_CONFIG_ENV = "MIHD_K8S_CONFIG"
+GPU_FAMILIES = ("embeddings", "fusion", "geometry", "segmentation")
+GPU_RESOURCE = "nvidia.com/gpu"
+# The op tag naming the settings a GPU step's pod was built from (shown with the op's tags in the UI).
+K8S_FAMILY_TAG = "mihd/k8s-family"
+
+_POD_SETTING_KEYS = ("cpu", "memory", "cpu_limit", "memory_limit", "node_selector", "tolerations",
+                     "image", "image_pull_policy")
+_GPU_SETTING_KEYS = ("gpus", *_POD_SETTING_KEYS)
+_TOP_LEVEL_KEYS = ("gpu_defaults", "families", "cpu_steps")
+_PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds", "toleration_seconds"}
+_TOLERATION_OPERATORS = ("Exists", "Equal")
+_TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+# Without a settings file: today's GPU request (one GPU, 8 CPUs and 32Gi for the data loaders,
+# tolerating the usual GPU-node taint) and small CPU steps.
+DEFAULT_GPU_SETTINGS = {
+    "gpus": 1,
+    "cpu": "8",
+    "memory": "32Gi",
+    "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+}
+DEFAULT_CPU_SETTINGS = {"cpu": "500m", "memory": "2Gi", "memory_limit": "8Gi"}
+
+
+class K8sConfigError(ValueError):
+    """A Kubernetes step setting that cannot be used; the message names the setting and its source."""
+
+
+@dataclass(frozen=True)
+class StepPodSettings:
+    """What one step's pod asks Kubernetes for (resources, placement, image)."""
+
+    cpu: str
+    memory: str
+    gpus: int = 0
+    cpu_limit: str | None = None
+    memory_limit: str | None = None
+    node_selector: dict = field(default_factory=dict)
+    tolerations: list = field(default_factory=list)
+    image: str | None = None
+    image_pull_policy: str | None = None
+
+    def resources(self) -> dict:
+        requests = {"cpu": self.cpu, "memory": self.memory}
+        limits = {"memory": self.memory_limit or self.memory}
+        if self.cpu_limit:
+            limits["cpu"] = self.cpu_limit
+        if self.gpus:
+            # Extended resources (GPUs) must have requests equal to limits.
+            requests[GPU_RESOURCE] = str(self.gpus)
+            limits[GPU_RESOURCE] = str(self.gpus)
+        return {"requests": requests, "limits": limits}
+
+    def k8s_config(self) -> dict:
+        """The ``dagster-k8s/config`` body (UserDefinedDagsterK8sConfig) for this pod.
+
+        Only configured keys appear, so what the run launcher sets (volumes, env, a cluster-wide
+        node selector) stays underneath unless a setting here replaces it.
+        """
+        container: dict = {"resources": self.resources()}
+        if self.image:
+            container["image"] = self.image
+        if self.image_pull_policy:
+            container["image_pull_policy"] = self.image_pull_policy
+        pod: dict = {}
+        if self.node_selector:
+            pod["node_selector"] = dict(self.node_selector)
+        if self.tolerations:
+            pod["tolerations"] = [dict(t) for t in self.tolerations]
+        config: dict = {"container_config": container}
+        if pod:
+            config["pod_spec_config"] = pod
+        return config
+
+
+@dataclass(frozen=True)
+class K8sStepSettings:
+    """Per family GPU pod settings and the CPU steps' settings, with where they came from."""
+
+    source: str
+    families: dict  # family -> StepPodSettings (GPU steps)
+    gpu_defaults: StepPodSettings
+    cpu_steps: StepPodSettings
+
+    def gpu(self, family: str | None = None) -> StepPodSettings:
+        if family is None:
+            return self.gpu_defaults
+        if family not in self.families:
+            raise K8sConfigError(f"unknown GPU asset family {family!r} (known: {', '.join(GPU_FAMILIES)})")
+        return self.families[family]
+
+
+def _quantity(value, setting: str, source: str) -> str:
+    from kubernetes.utils import parse_quantity
+
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise K8sConfigError(f"{source}: {setting} must be a Kubernetes quantity such as '8', '500m' or "
+                             f"'32Gi', got {value!r}")
+    try:
+        parse_quantity(value)
+    except ValueError:
+        raise K8sConfigError(f"{source}: {setting} = {value!r} is not a Kubernetes quantity "
+                             "(e.g. '8', '500m', '32Gi')") from None
+    return str(value)
+
+
+def _toleration(item, setting: str, source: str) -> dict:
+    if not isinstance(item, dict):
+        raise K8sConfigError(f"{source}: {setting} must be a mapping like "
+                             "{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}, got {item!r}")
+    unknown = set(item) - _TOLERATION_KEYS
+    if unknown:
+        raise K8sConfigError(f"{source}: {setting} has unknown keys {sorted(unknown)} "
+                             f"(allowed: key, operator, value, effect, tolerationSeconds)")
+    operator = item.get("operator", "Equal")
+    if operator not in _TOLERATION_OPERATORS:
+        raise K8sConfigError(f"{source}: {setting}.operator must be one of {_TOLERATION_OPERATORS}, got {operator!r}")
+    if operator == "Exists" and item.get("value") not in (None, ""):
+        raise K8sConfigError(f"{source}: {setting} has operator Exists, which takes no value")
+    if "effect" in item and item["effect"] not in _TOLERATION_EFFECTS:
+        raise K8sConfigError(f"{source}: {setting}.effect must be one of {_TOLERATION_EFFECTS}, "
+                             f"got {item['effect']!r}")
+    for name in ("key", "value", "effect"):
+        if name in item and not isinstance(item[name], str):
+            raise K8sConfigError(f"{source}: {setting}.{name} must be a string, got {item[name]!r}")
+    seconds = item.get("tolerationSeconds", item.get("toleration_seconds"))
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int)):
+        raise K8sConfigError(f"{source}: {setting}.tolerationSeconds must be an integer, got {seconds!r}")
+    return dict(item)
+
+
+def _pod_settings(raw: dict, base: dict, setting: str, source: str, gpu: bool) -> StepPodSettings:
+    """``base`` with ``raw``'s keys replacing it (a list or mapping is replaced, not merged)."""
+    allowed = _GPU_SETTING_KEYS if gpu else _POD_SETTING_KEYS
+    if not isinstance(raw, dict):
+        raise K8sConfigError(f"{source}: {setting} must be a mapping of {', '.join(allowed)}, got {raw!r}")
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise K8sConfigError(f"{source}: {setting} has unknown settings {unknown} (allowed: {', '.join(allowed)})")
+    merged = {**base, **raw}
+    kwargs: dict = {}
+    for name in ("cpu", "memory"):
+        kwargs[name] = _quantity(merged.get(name), f"{setting}.{name}", source)
+    for name in ("cpu_limit", "memory_limit"):
+        if merged.get(name) is not None:
+            kwargs[name] = _quantity(merged[name], f"{setting}.{name}", source)
+    if gpu:
+        gpus = merged.get("gpus", 1)
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+            raise K8sConfigError(f"{source}: {setting}.gpus must be a whole number >= 0, got {gpus!r}")
+        kwargs["gpus"] = gpus
+    from kubernetes.utils import parse_quantity
+
+    for request, limit in (("cpu", "cpu_limit"), ("memory", "memory_limit")):
+        if kwargs.get(limit) is not None and parse_quantity(kwargs[limit]) < parse_quantity(kwargs[request]):
+            raise K8sConfigError(f"{source}: {setting}.{limit} = {kwargs[limit]!r} is below "
+                                 f"{setting}.{request} = {kwargs[request]!r}; Kubernetes rejects a limit under its request")
+    selector = merged.get("node_selector") or {}
+    if not isinstance(selector, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in selector.items()):
+        raise K8sConfigError(f"{source}: {setting}.node_selector must map label names to string values "
+                             f"(quote YAML booleans and numbers: \"true\"), got {selector!r}")
+    kwargs["node_selector"] = dict(selector)
+    tolerations = merged.get("tolerations") or []
+    if not isinstance(tolerations, list):
+        raise K8sConfigError(f"{source}: {setting}.tolerations must be a list, got {tolerations!r}")
+    kwargs["tolerations"] = [_toleration(t, f"{setting}.tolerations[{i}]", source) for i, t in enumerate(tolerations)]
+    image = merged.get("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise K8sConfigError(f"{source}: {setting}.image must be an image reference string, got {image!r}")
+    kwargs["image"] = image
+    policy = merged.get("image_pull_policy")
+    if policy is not None and policy not in _PULL_POLICIES:
+        raise K8sConfigError(f"{source}: {setting}.image_pull_policy must be one of {_PULL_POLICIES}, got {policy!r}")
+    kwargs["image_pull_policy"] = policy
+    return StepPodSettings(**kwargs)
+
+
+def load_k8s_step_settings(path: str | None = None) -> K8sStepSettings:
+    """The step pod settings from ``path`` (default: the file named by MIHD_K8S_CONFIG), else the defaults.
+
+    The file (YAML) has three optional sections::
+
+        gpu_defaults: {gpus, cpu, memory, cpu_limit, memory_limit, node_selector, tolerations,
+                       image, image_pull_policy}   # every GPU family starts from these
+        families: {embeddings: {...}, fusion: {...}, geometry: {...}, segmentation: {...}}
+        cpu_steps: {cpu, memory, cpu_limit, memory_limit, node_selector, tolerations, image,
+                    image_pull_policy}             # every step outside the gpu pool
+
+    A family's keys replace the defaults' keys (a tolerations list or node_selector is replaced
+    whole). Any unknown key, family or malformed value raises ``K8sConfigError`` naming it.
     """
-    config = {
-        "container_config": {
-            "resources": {
-                "requests": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": str(gpus)},
-                "limits": {"memory": memory, "nvidia.com/gpu": str(gpus)},
-            }
-        },
-        "pod_spec_config": {
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        },
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    path = path if path is not None else os.environ.get(K8S_CONFIG_ENV) or None
+    raw: dict = {}
+    source = "built-in defaults"
+    if path is not None:
+        file = Path(path)
+        source = f"{K8S_CONFIG_ENV} file {file}" if path == os.environ.get(K8S_CONFIG_ENV) else f"file {file}"
+        if not file.is_file():
+            raise K8sConfigError(f"{source}: no such file (unset {K8S_CONFIG_ENV} for the built-in defaults)")
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise K8sConfigError(f"{source}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise K8sConfigError(f"{source}: must be a mapping with sections {', '.join(_TOP_LEVEL_KEYS)}")
+        unknown = sorted(set(raw) - set(_TOP_LEVEL_KEYS))
+        if unknown:
+            raise K8sConfigError(f"{source}: unknown sections {unknown} (allowed: {', '.join(_TOP_LEVEL_KEYS)})")
+    gpu_raw = raw.get("gpu_defaults") or {}
+    gpu_defaults = _pod_settings(gpu_raw, DEFAULT_GPU_SETTINGS, "gpu_defaults", source, gpu=True)
+    gpu_base = {**DEFAULT_GPU_SETTINGS, **(gpu_raw if isinstance(gpu_raw, dict) else {})}
+    families_raw = raw.get("families") or {}
+    if not isinstance(families_raw, dict):
+        raise K8sConfigError(f"{source}: families must map a family ({', '.join(GPU_FAMILIES)}) to its settings")
+    unknown = sorted(set(families_raw) - set(GPU_FAMILIES))
+    if unknown:
+        raise K8sConfigError(f"{source}: families has unknown families {unknown} (known: {', '.join(GPU_FAMILIES)})")
+    families = {
+        family: _pod_settings(families_raw.get(family) or {}, gpu_base, f"families.{family}", source, gpu=True)
+        for family in GPU_FAMILIES
     }
-    return {USER_DEFINED_K8S_CONFIG_KEY: json.dumps(config)}
+    cpu_steps = _pod_settings(raw.get("cpu_steps") or {}, DEFAULT_CPU_SETTINGS, "cpu_steps", source, gpu=False)
+    return K8sStepSettings(source=source, families=families, gpu_defaults=gpu_defaults, cpu_steps=cpu_steps)
+
+
+def _caller_family(depth: int = 2) -> str | None:
+    """The GPU family of the module calling ``gpu_op_tags`` (``mihd_assets.<family>...``), if any."""
+    import sys
+
+    module = sys._getframe(depth).f_globals.get("__name__", "")
+    parts = module.split(".")
+    if len(parts) > 1 and parts[0] == "mihd_assets" and parts[1] in GPU_FAMILIES:
+        return parts[1]
+    return None
+
+
+def gpu_op_tags(gpus: int | None = None, memory: str | None = None, cpu: str | None = None,
+                family: str | None = None) -> dict[str, str]:
+    """Op tags asking dagster-k8s for a pod with NVIDIA GPUs (and host RAM/CPU for the loaders).
+
+    The pod comes from the step settings (``load_k8s_step_settings``: the MIHD_K8S_CONFIG file,
+    else the built-in one GPU / 8 CPU / 32Gi) of ``family`` (one of ``GPU_FAMILIES``). Without
+    ``family`` it is the calling module's family (``mihd_assets.<family>.*``), and outside the
+    families the ``gpu_defaults``. ``gpus``, ``memory`` and ``cpu`` given here override the file.
+    With the ``k8s_job_executor`` each tagged step runs in its own pod; locally the tag is ignored
+    and the ``gpu`` pool keeps one GPU step at a time. Settings are read when the asset modules
+    are imported: restart the code server after changing the file.
+    """
+    family = family if family is not None else _caller_family()
+    step_settings = load_k8s_step_settings()
+    pod = step_settings.gpu(family)
+    overrides = {k: v for k, v in (("gpus", gpus), ("memory", memory), ("cpu", cpu)) if v is not None}
+    if overrides:
+        base = {k: getattr(pod, k) for k in _GPU_SETTING_KEYS}
+        if "memory" in overrides and pod.memory_limit == pod.memory:
+            base["memory_limit"] = None
+        base.update(overrides)
+        pod = _pod_settings({k: v for k, v in base.items() if v is not None}, {}, "gpu_op_tags(...)",
+                            f"gpu_op_tags arguments over {step_settings.source}", gpu=True)
+    return {USER_DEFINED_K8S_CONFIG_KEY: json.dumps(pod.k8s_config()), K8S_FAMILY_TAG: family or "gpu_defaults"}
 
 
 def run_record_metadata(record: dict, exclude: tuple[str, ...] = ()) -> dict:
@@ -137,14 +395,18 @@ def run_record_metadata(record: dict, exclude: tuple[str, ...] = ()) -> dict:
 
 
 def throttled_log(context, label: str, every_s: float = 10.0) -> Callable[..., None]:
-    """``report(message, final=False)``: an INFO line at most every ``every_s`` seconds, and always the final one."""
+    """``report(message, final=False)``: an INFO line at most every ``every_s`` seconds, and always the final one.
+
+    ``context`` is a Dagster context or a logger (the one a step's compute function receives,
+    which in a Slurm job is the Dagster Pipes logger)."""
+    logger = getattr(context, "log", context)
     last = [0.0]
 
     def report(message: str, final: bool = False) -> None:
         now = time.perf_counter()
         if final or now - last[0] > every_s:
             last[0] = now
-            context.log.info(f"{label}: {message}")
+            logger.info(f"{label}: {message}")
 
     return report
 
@@ -160,11 +422,30 @@ def user_error(err):
     return err
 
 
-def step_errors(result) -> list[str]:
-    """``step: message`` for every failed step of an in-process execution result."""
+def step_errors(result, run_id: str | None = None) -> list[str]:
+    """``step: message`` for every failed step of a run.
+
+    ``step_errors(result)`` reads an in-process execution result; ``step_errors(instance, run_id)``
+    reads the run's STEP_FAILURE events from the instance (runs of the multiprocess executor,
+    whose steps ran in other processes). A run that failed outside any step (a resource, the
+    executor) reports its RUN_FAILURE message instead.
+    """
+    from dagster import DagsterEventType
+
+    if run_id is None:
+        events = list(result.all_events)
+    else:
+        events = [entry.dagster_event for entry in result.all_logs(
+            run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE})]
     errors = []
-    for event in result.all_events:
+    for event in events:
         if event.event_type_value == "STEP_FAILURE":
             err = user_error(event.event_specific_data.error)
             errors.append(f"{event.step_key}: {err.message.strip() if err else 'failed'}")
+    if not errors:
+        for event in events:
+            if event.event_type_value == "RUN_FAILURE":
+                data = event.event_specific_data
+                err = user_error(data.error) if data is not None and data.error is not None else None
+                errors.append(f"run: {err.message.strip() if err else event.message}")
     return errors
