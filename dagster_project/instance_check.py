@@ -141,7 +141,7 @@ def check_instance_storage(home: str | Path | None = None) -> str | None:
             detail = " ".join(str(exc).split())
             raise InstanceStorageError(
                 f"Dagster instance storage {path} (in {instance_file}) points at {_where(kwargs)}, database "
-                f"{kwargs.get('dbname')!r}, user {kwargs.get('user')!r}, and cannot connect: {detail}. "
+                f"{kwargs.get('dbname')!r}, user {kwargs.get('user')!r}, and cannot connect: {detail} -- "
                 f"{_hint(detail, sources)}"
             ) from exc
         try:
