@@ -369,7 +369,7 @@ def _start_method() -> dict:
     """Step processes forked from a server that imported the definitions once (a step then
     starts in about a second instead of re-importing torch, scanpy and every asset module)."""
     if "forkserver" in multiprocessing.get_all_start_methods():
-        return {"forkserver": {"preload_modules": [DEFINITIONS_MODULE]}}
+        return {"forkserver": {"preload_modules": [DEFINITIONS_MODULE, "dagster_project.worker_preload"]}}
     return {"spawn": {}}
 
 
