@@ -31,6 +31,8 @@ from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
+from dagster._utils.interrupts import _received_interrupt, capture_interrupts, check_captured_interrupt
+
 from mihd_assets.slides.assets import BLOCKING_GATES
 from mihd_resources.orchestration import step_errors
 
@@ -465,17 +467,30 @@ def _run_wave(runner: _Runner, instance: DagsterInstance, launches: list[UnitPla
                 in_flight.start(p.unit.label)
                 pending[pool.submit(runner.run, p, tokens[p.unit.label], shares[slot])] = (p, slot)
 
-            while queue and free:
-                submit(queue.pop(0))
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    p, slot = pending.pop(future)
-                    in_flight.finish(p.unit.label)
-                    free.append(slot)
-                    yield future.result()
+            interrupted = False
+            # Ctrl-C / SIGTERM: Dagster's executors poll a flag their main-thread handler sets
+            # (and each poll clears it); it is raised again until every run in flight stopped its
+            # steps, then the interrupt goes on to the caller. No new run starts after it.
+            with capture_interrupts():
                 while queue and free:
                     submit(queue.pop(0))
+                while pending:
+                    done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    if check_captured_interrupt() and not interrupted:
+                        interrupted = True
+                        queue.clear()
+                        say("interrupted: stopping the running steps")
+                    if interrupted:
+                        _received_interrupt["received"] = True
+                    for future in done:
+                        p, slot = pending.pop(future)
+                        in_flight.finish(p.unit.label)
+                        free.append(slot)
+                        yield future.result()
+                    while queue and free:
+                        submit(queue.pop(0))
+            if interrupted:
+                raise KeyboardInterrupt
 
 
 class _InFlight:
