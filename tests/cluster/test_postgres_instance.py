@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy.exc
 
 from dagster_project.instance_check import InstanceStorageError, check_instance_storage
 from tests.conftest import BASE_ENV, home_env, run_cli
@@ -97,6 +98,42 @@ def test_sqlite_instance_is_not_checked(tmp_path):
     assert check_instance_storage(tmp_path) is None
 
 
+def test_throwaway_server_stops_every_process(tmp_path):
+    from tests.services.postgres import LocalPostgres, _is_postgres, skip_reason
+
+    if skip_reason():
+        pytest.skip(skip_reason())
+    server = LocalPostgres().start()
+    try:
+        con = server.connect()  # one backend process more
+        pids = server.processes()
+        assert len(pids) >= 3, pids
+        con.close()
+    finally:
+        server.stop()
+    assert [pid for pid in pids if _is_postgres(pid)] == []
+    assert not server.root.exists()
+
+
+@pytest.mark.xfail(strict=True, raises=sqlalchemy.exc.InternalError,
+                   reason="dagster-io/dagster#33552: on Postgres, a second default-limit initialisation of a pool (two "
+                   "runs claiming a new pool at once) aborts its transaction and fails the run; the pools are set "
+                   "explicitly instead (deploy/postgres/README.md). When this passes, Dagster fixed it.")
+def test_upstream_default_pool_initialisation_races_on_postgres(postgres_dagster_home, monkeypatch):
+    from dagster import DagsterInstance
+    from dagster._core.instance.ref import InstanceRef
+
+    for key, value in postgres_dagster_home.items():
+        monkeypatch.setenv(key, value)
+    instance = DagsterInstance.from_ref(InstanceRef.from_dir(postgres_dagster_home["DAGSTER_HOME"]))
+    try:
+        storage = instance.event_log_storage
+        assert storage.initialize_concurrency_limit_to_default("gpu")  # the first run's claim
+        storage.initialize_concurrency_limit_to_default("gpu")  # the second run's, its INSERT conflicts
+    finally:
+        instance.dispose()
+
+
 def test_mihd_command_reports_the_setting_not_a_traceback(postgres_dagster_home, tmp_path):
     env = {**home_env(tmp_path / "home", tmp_path / "no_slides"), **postgres_dagster_home,
            "DAGSTER_PG_PORT": str(free_port())}
@@ -114,8 +151,7 @@ def _pools_of_slide_assets() -> set[str]:
 
     from mihd_assets.slides import assets as slide_assets
 
-    return {a.op.pool for a in load_assets_from_modules([slide_assets])
-            if isinstance(a, AssetsDefinition) and a.op.pool}
+    return {a.op.pool for a in load_assets_from_modules([slide_assets]) if isinstance(a, AssetsDefinition) and a.op.pool}
 
 
 @pytest.mark.slow
@@ -171,27 +207,41 @@ mutation($params: [ExecutionParams!]!) {
     ... on PythonError { message }
   }
 }"""
-SENSOR = """query($name: String!) { sensorOrError(sensorSelector: {repositoryLocationName: "mihd",
-  repositoryName: "__repository__", sensorName: $name}) { __typename ... on Sensor { id sensorState { status } } } }"""
+SENSORS = """{ repositoryOrError(repositorySelector: {repositoryLocationName: "mihd", repositoryName: "__repository__"}) {
+  __typename ... on Repository { sensors { id name sensorState { status } } } ... on PythonError { message } } }"""
 STOP_SENSOR = """mutation($id: String!) { stopSensor(id: $id) { __typename
   ... on StopSensorMutationResult { instigationState { status } } ... on PythonError { message } } }"""
 
 
+def _pools_of(keys: list[list[str]]) -> set[str]:
+    from dagster import AssetKey, AssetsDefinition, load_assets_from_modules
+
+    from mihd_assets.embeddings import assets as embedding_assets
+    from mihd_assets.slides import assets as slide_assets
+
+    wanted = {AssetKey(k) for k in keys}
+    return {a.op.pool for a in load_assets_from_modules([slide_assets, embedding_assets])
+            if isinstance(a, AssetsDefinition) and a.op.pool and wanted & set(a.keys)}
+
+
 @pytest.fixture
 def queue_home(postgres_server, postgres_db, postgres_dagster_home, tmp_path, monkeypatch):
-    """Three demo slides registered as partitions of a Postgres-backed home; the test process's
-    environment points at it (the metrics database path is read from it)."""
+    """Three demo slides registered and observed (`mihd materialize --dry-run`) in a Postgres-backed
+    home, the pools of the selection set explicitly to 1 (as deploy/postgres/README.md says);
+    the test process's environment points at the home (the metrics database path is read from it)."""
     env = {**home_env(tmp_path / "home", _slides(tmp_path / "slides", 3)), **postgres_dagster_home}
+    result = run_cli(["materialize", "--dry-run"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "registered slides partitions: demo_01, demo_02, demo_03" in result.stdout, result.stdout
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     from dagster import DagsterInstance
     from dagster._core.instance.ref import InstanceRef
 
-    from dagster_project.cli import _register_partitions
-
     instance = DagsterInstance.from_ref(InstanceRef.from_dir(env["DAGSTER_HOME"]))
     try:
-        _register_partitions(instance, echo=lambda _: None)
+        for pool in _pools_of(QUEUE_SELECTION):
+            instance.event_log_storage.set_concurrency_slots(pool, 1)  # = dagster instance concurrency set POOL 1
     finally:
         instance.dispose()
     return env
@@ -235,9 +285,14 @@ def test_three_slides_through_the_queue_share_one_gpu(postgres_server, postgres_
     services.start_webserver(free_port())
     # As a user would before launching by hand: the automation sensor would request every
     # asset of the new slides. The daemon reads this state from Postgres.
-    sensor = services.graphql(SENSOR, {"name": "nightly_backfill_automation"})["sensorOrError"]
-    stopped = services.graphql(STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
-    assert stopped["instigationState"]["status"] == "STOPPED", stopped
+    sensors = services.graphql(SENSORS)["repositoryOrError"]["sensors"]
+    assert {"slide_discovery_sensor", "nightly_backfill_automation"} <= {x["name"] for x in sensors}, sensors
+    stopped_names = sorted(x["name"] for x in sensors if x["name"] != "slide_discovery_sensor")
+    for sensor in sensors:
+        if sensor["name"] in stopped_names:
+            stopped = services.graphql(STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
+            assert stopped["instigationState"]["status"] == "STOPPED", stopped
+    runs_before = {r for (r,) in rows("SELECT run_id FROM runs")}
     services.start_daemon()
 
     params = [{
@@ -286,17 +341,22 @@ def test_three_slides_through_the_queue_share_one_gpu(postgres_server, postgres_
     assert len(intervals) == 3, spans
     for (_, end, first), (start, _, second) in zip(intervals, intervals[1:]):
         assert end <= start, f"gpu steps of runs {first} and {second} overlapped: {intervals}"
-    assert dict(rows("SELECT concurrency_key, \"limit\" FROM concurrency_limits")).get("gpu") == 1
+    assert rows("SELECT \"limit\", using_default_limit FROM concurrency_limits WHERE concurrency_key = 'gpu'") == [(1, False)]
     gpu_slots = rows("SELECT run_id FROM concurrency_slots WHERE concurrency_key = 'gpu' AND deleted = false")
     assert gpu_slots == [(None,)], "one gpu slot, free again"
 
-    # The daemon's sensor loop read the sensor states from Postgres: the discovery sensor ticked,
-    # the one stopped through the webserver did not.
-    ticks = [body for (body,) in rows("SELECT tick_body FROM job_ticks")]
-    assert any('"slide_discovery_sensor"' in body for body in ticks), ticks
-    assert not any('"nightly_backfill_automation"' in body for body in ticks), ticks
-    other_runs = rows("SELECT run_id, pipeline_name, status FROM runs WHERE NOT (run_id = ANY(%s))", list(run_of.values()))
-    assert all(job == "slides_observe_sources_job" and st == "SUCCESS" for _, job, st in other_runs), other_runs
+    # The daemon's sensor loop read the sensor states from Postgres: the discovery sensor ticked
+    # (nothing new: the slides were registered and observed before), the stopped ones did not.
+    ticks = [(status, body) for status, body in rows("SELECT status, tick_body FROM job_ticks")]
+    discovery = [status for status, body in ticks if '"slide_discovery_sensor"' in body]
+    assert discovery and set(discovery) == {"SKIPPED"}, ticks
+    assert not [body for _, body in ticks if any(f'"{name}"' in body for name in stopped_names)], ticks
+    states = {name: status for body, status in rows("SELECT instigator_body, status FROM instigators")
+              for name in [*stopped_names, "slide_discovery_sensor"] if f'"{name}"' in body}
+    assert all(states.get(name) == "STOPPED" for name in stopped_names), states
+    assert states.get("slide_discovery_sensor") != "STOPPED", states
+    new_runs = {r for (r,) in rows("SELECT run_id FROM runs")} - runs_before
+    assert new_runs == set(run_of.values()), "only the three launched runs; no sensor requested any"
 
     # Every metric row of the three slides exactly once, written by that slide's run.
     database = settings.duckdb_path()

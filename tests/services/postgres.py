@@ -8,7 +8,8 @@ one temporary folder, TCP on 127.0.0.1 only, the postmaster in its own process g
 ``postgres`` refuses to run as root, so when the tests run as root the server runs as the
 ``postgres`` system user (its folder is handed to that user); otherwise as the current user.
 Stopping sends the postmaster a fast shutdown (SIGINT), then SIGKILLs whatever is left of its
-process group, and removes the folder.
+process group and of its children (each postgres child calls setsid, so it leads a session of
+its own), and removes the folder.
 """
 
 from __future__ import annotations
@@ -64,6 +65,30 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _is_postgres(pid: int) -> bool:
+    """Still a live postgres process (not a reused pid, not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()[0]
+    return state != "Z" and name.startswith("postgres")
 
 
 def _tail(path: Path, n: int = 40) -> str:
@@ -164,23 +189,36 @@ class LocalPostgres:
         raise RuntimeError(f"postgres did not accept connections on {self.host}:{self.port} within "
                            f"{STARTUP_TIMEOUT_S} s (last error: {last}); log {self.log}:\n{_tail(self.log)}")
 
+    def processes(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, ...), which each lead a
+        session of their own (postgres calls setsid in every child), so a group kill misses them."""
+        if self.proc is None:
+            return []
+        return [self.proc.pid, *_children(self.proc.pid)]
+
     def _stop_group(self) -> None:
-        proc, self.proc = self.proc, None
+        proc = self.proc
         if proc is None:
             return
-        pgid = proc.pid  # start_new_session: the postmaster leads its own group
+        children = _children(proc.pid)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # fast shutdown: abort sessions, checkpoint, exit
+            proc.send_signal(signal.SIGINT)  # fast shutdown: ends sessions, checkpoints, exits
             try:
                 proc.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 pass
-        # Backends and auxiliary processes are the postmaster's children in its group.
+        self.proc = None
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the postmaster leads its group
         except ProcessLookupError:
             pass
         proc.wait()
+        for pid in children:  # after a clean shutdown they are gone already
+            if _is_postgres(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def _remove_root(self) -> None:
         if self.root is not None and self.root.exists():
@@ -195,10 +233,6 @@ class LocalPostgres:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    @property
-    def pgid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
 
     # --- clients -----------------------------------------------------------------------
     def connect_kwargs(self, dbname: str = "postgres") -> dict:
