@@ -1,12 +1,13 @@
 """Time the demo's slide family through `mihd materialize`: parallel (the multiprocess executor,
 several slides at once) against `--serial` (in process, one step at a time), side by side.
 
-    .venv/bin/python benchmarks/parallel_demo.py [--slides 2] [--max-concurrent N] [--keep]
+    .venv/bin/python benchmarks/parallel_demo.py [--slides 2] [--tiny] [--max-concurrent N] [--keep]
 
 Each path runs in its own fresh MIHD home on the same demo slides (MIHD_PROFILE=demo, random
 weights), the parallel one first. Prints both wall times, the ratio parallel/serial, how many
 steps overlapped in time in the parallel run (its widest moment), and that both materialized
 the same assets. Exits 1 when a run fails or the two paths differ in what they materialized.
+``--tiny``: the tests' tiny demo slides (same generator, ~150 spots) instead of full demo ones.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slides", type=int, default=2, help="demo slides (1 or 2; default 2)")
     parser.add_argument("--max-concurrent", type=int, default=os.cpu_count(), help="step processes (default: the CPUs)")
+    parser.add_argument("--tiny", action="store_true", help="tiny demo slides (the tests' spec)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary homes")
     args = parser.parse_args()
-    from mihd_assets.demo.visium import generate_demo_slides
+    from mihd_assets.demo.visium import generate_demo_slides, tiny_spec
 
     root = Path(tempfile.mkdtemp(prefix="mihd_parallel_bench_"))
     if args.keep:
@@ -74,7 +76,7 @@ def main() -> None:
     base.update(MIHD_DATA_ROOT=str(root / "visium"), MIHD_PROFILE="demo", MIHD_ALLOW_RANDOM_WEIGHTS="1")
     figures = {}
     try:
-        generate_demo_slides(root / "visium", n_slides=args.slides)
+        generate_demo_slides(root / "visium", n_slides=args.slides, **({"spec": tiny_spec()} if args.tiny else {}))
         for name, extra in (("parallel", ["--max-concurrent", str(args.max_concurrent)]), ("serial", ["--serial"])):
             home = root / name
             env = {**base, "MIHD_HOME": str(home), "DAGSTER_HOME": str(home / "dagster_home")}
@@ -86,7 +88,7 @@ def main() -> None:
     (p_s, p_steps, p_wide, p_mat), (s_s, s_steps, s_wide, s_mat) = figures["parallel"], figures["serial"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cpus, load average now {load:.1f}")
-    print(f"demo slides: {args.slides}; groups: {', '.join(GROUPS)}")
+    print(f"demo slides: {args.slides}{' (tiny)' if args.tiny else ''}; groups: {', '.join(GROUPS)}")
     print(f"parallel (--max-concurrent {args.max_concurrent}): {p_s:8.1f} s, {p_steps} steps, "
           f"at most {p_wide} at once")
     print(f"serial (--serial):           {s_s:8.1f} s, {s_steps} steps, at most {s_wide} at once")
