@@ -8,6 +8,7 @@ This module sits below the families (``mihd_assets.*``) and above nothing of the
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -399,7 +400,7 @@ def throttled_log(context, label: str, every_s: float = 10.0) -> Callable[..., N
 
     ``context`` is a Dagster context or a logger (the one a step's compute function receives,
     which in a Slurm job is the Dagster Pipes logger)."""
-    logger = getattr(context, "log", context)
+    logger = context if isinstance(context, (logging.Logger, logging.LoggerAdapter)) else context.log
     last = [0.0]
 
     def report(message: str, final: bool = False) -> None:

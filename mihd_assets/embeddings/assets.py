@@ -7,6 +7,8 @@ Each stores the raw embedding (SpotEmbedding .npz) with what produced it; the
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -27,6 +29,7 @@ from mihd_assets.matrix import MATRIX
 from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key, require_tissue_check
 from mihd_resources import ComputeResource, MetricsStore, settings
 from mihd_resources.metrics_store import DUCKDB_WRITER_POOL
+from mihd_resources.step_executor import StepExecutor
 from mihd_resources.weights import ModelWeightsResource
 
 from .store import SpotEmbedding
@@ -86,10 +89,8 @@ def _vision_factory(encoder: str, variant: str):
             "that image's own factor; stored before any normalization."
         ),
     )
-    def _asset(context: AssetExecutionContext, compute: ComputeResource, weights: ModelWeightsResource, raw):
-        from .patches import SpotPatchDataset, highest_resolution_image, make_loader
-        from .vision import build_encoder, embed
-
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, weights: ModelWeightsResource,
+               step_executor: StepExecutor, raw):
         slide_id = context.partition_key
         require_tissue_check(raw, slide_id)
         path = weights.path_for(encoder)
@@ -99,34 +100,42 @@ def _vision_factory(encoder: str, variant: str):
                 f"ModelWeightsResource.{encoder} (env MIHD_{encoder.upper()}_WEIGHTS) to a local state dict, "
                 "or allow_random=True (env MIHD_ALLOW_RANDOM_WEIGHTS=1) for a random-weights run"
             )
-        tiny = settings.profile() == "demo"
-        model, info = build_encoder(encoder, weights_path=path, tiny=tiny)
         if path is None:
             context.log.warning(f"slide {slide_id}: {encoder} runs with RANDOM weights (no local weights configured)")
+        tiny = settings.profile() == "demo"
+        profile = settings.profile()
         info_sp = raw.uns["spatial"][slide_id]
-        image_name, image_path, scale = highest_resolution_image(
-            dict(info_sp["metadata"]["image_paths"]), dict(info_sp["scalefactors"])
-        )
-        dataset = SpotPatchDataset(
-            image_path, raw.obsm["spatial"], scale, info["input_size"], info["mean"], info["std"], variant=variant
-        )
-        device = compute.torch_device()
-        loader = make_loader(
-            dataset, compute.batch_size, compute.num_workers, pin_memory=compute.pin_memory and device.type == "cuda"
-        )
-        result = embed(model, loader, device, amp=compute.use_amp(), progress_callback=_progress(context, f"{slide_id} {key.path[-1]}"))
-        record = {
-            **{k: v for k, v in info.items() if k not in ("mean", "std")},
-            "modality": "vision",
-            "variant": variant,
-            "image": image_name,
-            "profile": settings.profile(),
-            "device": str(device),
-            "amp_dtype": str(result.amp_dtype),
-            "seconds": round(result.seconds, 3),
-            "patches_per_second": round(result.patches_per_second, 2),
-            **dataset.describe(),
-        }
+        image_paths, scalefactors = dict(info_sp["metadata"]["image_paths"]), dict(info_sp["scalefactors"])
+        spots = np.asarray(raw.obsm["spatial"])
+        cs = compute.settings()
+        label = f"{slide_id} {key.path[-1]}"
+
+        def work(log):
+            from .patches import SpotPatchDataset, highest_resolution_image, make_loader
+            from .vision import build_encoder, embed
+
+            model, info = build_encoder(encoder, weights_path=path, tiny=tiny)
+            image_name, image_path, scale = highest_resolution_image(image_paths, scalefactors)
+            dataset = SpotPatchDataset(image_path, spots, scale, info["input_size"], info["mean"], info["std"],
+                                       variant=variant)
+            device = cs.torch_device()
+            loader = make_loader(dataset, cs.batch_size, cs.num_workers, pin_memory=cs.pin_memory and device.type == "cuda")
+            result = embed(model, loader, device, amp=cs.use_amp(), progress_callback=_progress(log, label))
+            record = {
+                **{k: v for k, v in info.items() if k not in ("mean", "std")},
+                "modality": "vision",
+                "variant": variant,
+                "image": image_name,
+                "profile": profile,
+                "device": str(device),
+                "amp_dtype": str(result.amp_dtype),
+                "seconds": round(result.seconds, 3),
+                "patches_per_second": round(result.patches_per_second, 2),
+                **dataset.describe(),
+            }
+            return result, record
+
+        result, record = step_executor.run(context, "embeddings", work)
         yield Output(
             SpotEmbedding(result.embeddings, list(raw.obs_names), record),
             metadata={
@@ -159,34 +168,51 @@ def _gene_factory(encoder: str):
             f"`preprocessed_slide_{MATRIX.gene_preset}`; stored before any normalization."
         ),
     )
-    def _asset(context: AssetExecutionContext, compute: ComputeResource, weights: ModelWeightsResource, pre):
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, weights: ModelWeightsResource,
+               step_executor: StepExecutor, pre):
         from .gene import mlp_autoencoder_embedding, pca_embedding
         from .scgpt import save_random_scgpt, scgpt_embedding
 
         slide_id = context.partition_key
-        device = compute.torch_device()
         demo = settings.profile() == "demo"
-        if encoder == "pca":
+        cs = compute.settings()
+        if encoder == "pca":  # CPU, in the step process
             values, info = pca_embedding(pre, n_components=MATRIX.pca_components)
             info["weights"] = "none (fitted per slide)"
+            info["device"] = "cpu"
         elif encoder == "mlp":
             epochs = 20 if demo else MATRIX.mlp_epochs
-            values, info = mlp_autoencoder_embedding(
-                pre, latent_dim=MATRIX.mlp_latent_dim, epochs=epochs, device=str(device), batch_size=compute.batch_size
-            )
-            info["weights"] = "none (trained per slide)"
-            info.pop("loss_history", None)
+
+            def work(log):
+                device = cs.torch_device()
+                values, info = mlp_autoencoder_embedding(
+                    pre, latent_dim=MATRIX.mlp_latent_dim, epochs=epochs, device=str(device), batch_size=cs.batch_size
+                )
+                info.pop("loss_history", None)
+                return values, {**info, "weights": "none (trained per slide)", "device": str(device)}
+
+            values, info = step_executor.run(context, "embeddings", work)
         else:
             model_dir = weights.path_for("scgpt")
-            if model_dir is None and weights.allow_random:
+            random = model_dir is None and weights.allow_random
+            if random:
                 context.log.warning(f"slide {slide_id}: scGPT runs with RANDOM weights (MIHD_SCGPT_DIR not set)")
-                with tempfile.TemporaryDirectory() as tmp:
-                    random_dir = save_random_scgpt(Path(tmp) / "scgpt", list(pre.var_names))
-                    values, info = scgpt_embedding(pre, random_dir, device=device, batch_size=compute.batch_size, amp=compute.use_amp())
-                info["config"] = "tiny"  # save_random_scgpt's small network of the same code
-            else:
-                values, info = scgpt_embedding(pre, model_dir, device=device, batch_size=compute.batch_size, amp=compute.use_amp())
-        record = {**info, "encoder": encoder, "modality": "gene", "variant": "", "profile": settings.profile(), "device": str(device)}
+
+            def work(log):
+                device = cs.torch_device()
+                if random:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        random_dir = save_random_scgpt(Path(tmp) / "scgpt", list(pre.var_names))
+                        values, info = scgpt_embedding(pre, random_dir, device=device, batch_size=cs.batch_size,
+                                                       amp=cs.use_amp())
+                    info["config"] = "tiny"  # save_random_scgpt's small network of the same code
+                else:
+                    values, info = scgpt_embedding(pre, model_dir, device=device, batch_size=cs.batch_size,
+                                                   amp=cs.use_amp())
+                return values, {**info, "device": str(device)}
+
+            values, info = step_executor.run(context, "embeddings", work)
+        record = {**info, "encoder": encoder, "modality": "gene", "variant": "", "profile": settings.profile()}
         yield Output(
             SpotEmbedding(values, list(pre.obs_names), record),
             metadata={

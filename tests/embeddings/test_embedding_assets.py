@@ -16,6 +16,7 @@ from mihd_assets.slides import assets as slides
 from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
 from mihd_resources.embedding_io_manager import EmbeddingIOManager
 from mihd_resources.weights import ModelWeightsResource
+from mihd_resources.step_executor import StepExecutor
 
 VISION_UNI = next(a for a in emb.vision_embeddings if a.key == emb.vision_key("uni", "standard"))
 
@@ -33,6 +34,7 @@ def env(tiny_slides, tmp_path, monkeypatch):
         "anndata_io_manager": AnnDataIOManager(base_dir=str(tmp_path / "store")),
         "embedding_io_manager": EmbeddingIOManager(base_dir=str(tmp_path / "store")),
         "compute": ComputeResource(device="cpu", batch_size=32, num_workers=0),
+        "step_executor": StepExecutor(),
         "metrics": MetricsStore(duckdb=DuckDBResource(database=str(tmp_path / "m.duckdb"))),
     }
     return root, instance, resources, tmp_path

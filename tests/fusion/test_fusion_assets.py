@@ -23,6 +23,7 @@ from mihd_resources.clustering import ClusteringResource
 from mihd_resources.embedding_io_manager import EmbeddingIOManager
 from mihd_resources.labels_io_manager import LabelsIOManager
 from mihd_resources.weights import ModelWeightsResource
+from mihd_resources.step_executor import StepExecutor
 
 GENE_PCA = next(a for a in emb.gene_embeddings if a.key == emb.gene_key("pca"))
 
@@ -45,6 +46,7 @@ def env(tiny_slides, tmp_path, monkeypatch):
         "embedding_io_manager": EmbeddingIOManager(base_dir=str(store)),
         "labels_io_manager": LabelsIOManager(base_dir=str(store)),
         "compute": ComputeResource(device="cpu", num_workers=0),
+        "step_executor": StepExecutor(),
         "metrics": MetricsStore(duckdb=DuckDBResource(database=str(tmp_path / "m.duckdb"))),
         "clustering": ClusteringResource(),
         "weights": ModelWeightsResource(allow_random=True),
@@ -152,6 +154,6 @@ def test_staig_without_image_is_its_own_asset_and_refuses_too_few_spots():
     pre = ad.AnnData(rng.normal(size=(4, 12)).astype(np.float32))
     pre.obs_names = [f"spot{i}" for i in range(4)]
     pre.obsm["spatial"] = rng.uniform(0, 100, size=(4, 2))
-    with build_asset_context(partition_key="four_spots", resources={"compute": ComputeResource(device="cpu")}) as ctx:
+    with build_asset_context(partition_key="four_spots", resources={"compute": ComputeResource(device="cpu"), "step_executor": StepExecutor()}) as ctx:
         with pytest.raises(ValueError, match=r"slide 'four_spots' staig_fusion__hvg__none: .*k"):
             list(no_image(ctx, pre=pre))

@@ -14,6 +14,7 @@ from mihd_assets.geometry.train import read_checkpoint
 from mihd_assets.slides.assets import raw_slide
 from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
 from mihd_resources.geometry_store import CHECKPOINT, GeometryStore
+from mihd_resources.step_executor import StepExecutor
 
 SLIDES = ["demo_01", "demo_02", "demo_03"]
 GEOMETRY_ASSETS = [geo.geometry_training_set, geo.geometry_checkpoint, geo.geometry_evaluation, geo.geometry_metrics]
@@ -36,6 +37,7 @@ def geometry_home(tmp_path_factory):
         "anndata_io_manager": AnnDataIOManager(base_dir=str(root / "storage")),
         "metrics": MetricsStore(duckdb=DuckDBResource(database=str(root / "mihd.duckdb"))),
         "compute": ComputeResource(device="cpu", batch_size=8, torch_threads=1),
+        "step_executor": StepExecutor(),
         "store": GeometryStore(base_dir=str(root / "storage")),
     }
     for slide in SLIDES:

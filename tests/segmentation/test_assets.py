@@ -10,6 +10,7 @@ from dagster_duckdb import DuckDBResource
 
 from mihd_resources import ComputeResource, MetricsStore
 from mihd_resources.weights import ModelWeightsResource
+from mihd_resources.step_executor import StepExecutor
 
 from .conftest import write_tiff
 
@@ -27,7 +28,7 @@ def env(tmp_path, tiny_cohort, monkeypatch):
         monkeypatch.setenv(name, str(value))
     monkeypatch.delenv("MIHD_CELLPOSE_WEIGHTS", raising=False)
     db = tmp_path / "metrics.duckdb"
-    resources = {"metrics": MetricsStore(duckdb=DuckDBResource(database=str(db))), "compute": ComputeResource(device="cpu"),
+    resources = {"metrics": MetricsStore(duckdb=DuckDBResource(database=str(db))), "compute": ComputeResource(device="cpu"), "step_executor": StepExecutor(),
                  "weights": ModelWeightsResource(allow_random=True)}
     return root, db, resources
 
