@@ -34,6 +34,7 @@ from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key
 from mihd_resources import ComputeResource, MetricsStore, settings
 from mihd_resources.clustering import ClusteringResource
 from mihd_resources.metrics_store import DUCKDB_WRITER_POOL
+from mihd_resources.step_executor import StepExecutor
 
 from . import normalize
 from .store import SpotLabels
@@ -132,7 +133,8 @@ def _fusion_factory(method: str, gene: str, vision: str, replicate: int = 0):
             + (f" Replicate {replicate} (training seed {replicate})." if trained else "")
         ),
     )
-    def _asset(context: AssetExecutionContext, compute: ComputeResource, gene_embedding, vision_embedding):
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, step_executor: StepExecutor,
+               gene_embedding, vision_embedding):
         from . import simple, trained as trained_methods
 
         slide_id = context.partition_key
@@ -147,8 +149,13 @@ def _fusion_factory(method: str, gene: str, vision: str, replicate: int = 0):
         else:
             fn = getattr(trained_methods, f"{method}_fusion")
             kwargs = DEMO_FUSION_KW[method] if demo else {}
-            fused, info = fn(g, v, device=str(compute.torch_device()), progress=_progress(context, where),
-                             seed=replicate, **kwargs)
+            cs = compute.settings()
+
+            def work(log):
+                return fn(g, v, device=str(cs.torch_device()), progress=_progress(log, where), seed=replicate,
+                          **kwargs)
+
+            fused, info = step_executor.run(context, "fusion", work)
         record = {**info, "method": method, "gene_encoder": gene, "vision": vision, "replicate": replicate,
                   "weights": _upstream_weights(gene_embedding, vision_embedding), "profile": settings.profile(),
                   "normalization": "standardize(gene), standardize(vision) once before fusion"}
@@ -158,8 +165,8 @@ def _fusion_factory(method: str, gene: str, vision: str, replicate: int = 0):
     return _asset
 
 
-def _staig_output(context, compute: ComputeResource, pre, image_raw, config, name: str, replicate: int, *,
-                  vision_name: str, weights: str) -> Output:
+def _staig_output(context, compute: ComputeResource, step_executor: StepExecutor, pre, image_raw, config, name: str,
+                  replicate: int, *, vision_name: str, weights: str) -> Output:
     """Run STAIG (image or no-image mode, as ``config`` says) on the `staig` preset's HVG matrix."""
     from dataclasses import replace
 
@@ -169,11 +176,17 @@ def _staig_output(context, compute: ComputeResource, pre, image_raw, config, nam
     if settings.profile() == "demo":
         config = replace(config, epochs=DEMO_STAIG_EPOCHS)
     hvg = pre.X.toarray() if hasattr(pre.X, "toarray") else np.asarray(pre.X)
-    try:
-        out, info = staig_fusion(hvg, np.asarray(pre.obsm["spatial"]), image_raw, config,
-                                 device=str(compute.torch_device()), progress=_progress(context, where))
-    except ValueError as err:  # re-raised with the slide and asset it happened in
-        raise ValueError(f"{where}: {err}") from err
+    coords = np.asarray(pre.obsm["spatial"])
+    cs = compute.settings()
+
+    def work(log):
+        try:
+            return staig_fusion(hvg, coords, image_raw, config, device=str(cs.torch_device()),
+                                progress=_progress(log, where))
+        except ValueError as err:  # re-raised with the slide and asset it happened in
+            raise ValueError(f"{where}: {err}") from err
+
+    out, info = step_executor.run(context, "fusion", work)
     record = {**info, "gene_encoder": "hvg", "vision": vision_name, "weights": weights,
               "profile": settings.profile(), "replicate": replicate}
     return Output(SpotEmbedding(out, list(pre.obs_names), record), metadata={**_as_metadata(record)})
@@ -202,10 +215,10 @@ def _staig_factory(replicate: int = 0):
             f"Replicate {replicate}: seed {seed} (STAIG's published seed is 39788)."
         ),
     )
-    def _asset(context: AssetExecutionContext, compute: ComputeResource, pre, vision):
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, step_executor: StepExecutor, pre, vision):
         where = f"slide '{context.partition_key}' {name}"
         image_raw = _aligned(SpotEmbedding(np.zeros((pre.n_obs, 1)), list(pre.obs_names)), vision, where)
-        yield _staig_output(context, compute, pre, image_raw, StaigConfig(seed=seed), name, replicate,
+        yield _staig_output(context, compute, step_executor, pre, image_raw, StaigConfig(seed=seed), name, replicate,
                             vision_name=MATRIX.staig_vision, weights=_upstream_weights(vision))
 
     return _asset
@@ -234,8 +247,8 @@ def _staig_no_image_factory(replicate: int = 0):
             f"spot is a negative). Replicate {replicate}: seed {seed}. Runs on every slide, image or not."
         ),
     )
-    def _asset(context: AssetExecutionContext, compute: ComputeResource, pre):
-        yield _staig_output(context, compute, pre, None, StaigConfig(image_mode="none", seed=seed), name, replicate,
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, step_executor: StepExecutor, pre):
+        yield _staig_output(context, compute, step_executor, pre, None, StaigConfig(image_mode="none", seed=seed), name, replicate,
                             vision_name="none", weights="none (no image)")
 
     return _asset
@@ -381,7 +394,7 @@ def _image_only_factory(method: str, vision: str, replicate: int = 0):
         ),
     )
     def _asset(context: AssetExecutionContext, compute: ComputeResource, clustering: ClusteringResource,
-               embedding, raw):
+               step_executor: StepExecutor, embedding, raw):
         from . import image_only
         from .clustering import refine_labels, validate_for_clustering
 
@@ -391,18 +404,25 @@ def _image_only_factory(method: str, vision: str, replicate: int = 0):
         coords = _coords_for(raw, embedding.obs_names)
         x = normalize.standardize(validate_for_clustering(embedding.values, n_clusters, where))
         kwargs = DEMO_IMAGE_ONLY_KW[method] if settings.profile() == "demo" else {}
-        device = str(compute.torch_device())
-        progress = _progress(context, where)
-        if method == "scan":
-            labels, _, info = image_only.scan_clustering(x, n_clusters, seed=replicate, device=device, progress=progress, **kwargs)
-        elif method == "stego":
-            labels, _, info = image_only.stego_clustering(x, coords, n_clusters, seed=replicate, device=device, progress=progress, **kwargs)
-        elif method == "byol_gat":
-            patches = spot_patches(raw, slide_id, embedding.obs_names, kwargs.get("image_size", 96))
-            labels, _, info = image_only.byol_gat_clustering(patches, coords, n_clusters, seed=replicate, device=device,
-                                                             progress=progress, **kwargs)
-        else:
+        if method not in ("scan", "stego", "byol_gat"):
             raise ValueError(f"{where}: unknown image-only method {method!r}")
+        patches = spot_patches(raw, slide_id, embedding.obs_names, kwargs.get("image_size", 96)) \
+            if method == "byol_gat" else None
+        cs = compute.settings()
+
+        def work(log):
+            device = str(cs.torch_device())
+            progress = _progress(log, where)
+            if method == "scan":
+                return image_only.scan_clustering(x, n_clusters, seed=replicate, device=device, progress=progress,
+                                                  **kwargs)
+            if method == "stego":
+                return image_only.stego_clustering(x, coords, n_clusters, seed=replicate, device=device,
+                                                   progress=progress, **kwargs)
+            return image_only.byol_gat_clustering(patches, coords, n_clusters, seed=replicate, device=device,
+                                                  progress=progress, **kwargs)
+
+        labels, _, info = step_executor.run(context, "fusion", work)
         refined = refine_labels(labels, coords, clustering.refine_k)
         record = {
             **{k: v for k, v in info.items() if k != "gat_loss_history"},
