@@ -161,6 +161,7 @@ class _Job:
             "slurm_exit_code": f.get("ExitCode", ""),
             "slurm_partition": f.get("Partition", ""),
             "slurm_tres": f.get("TRES", ""),
+            "slurm_gres": f.get("TresPerNode", "") or f.get("TresPerJob", ""),
         }
 
     def cancel(self) -> None:

@@ -38,6 +38,7 @@ from mihd_resources.geometry_store import (
     GeometryStore,
 )
 from mihd_resources.metrics_store import DUCKDB_WRITER_POOL
+from mihd_resources.step_executor import StepExecutor
 from mihd_resources.storage import validate_partition_key
 
 from .config import GeometryPlan, geometry_plan, geometry_size
@@ -130,7 +131,7 @@ class CheckpointConfig(Config):
     ),
 )
 def geometry_checkpoint(context: AssetExecutionContext, config: CheckpointConfig, compute: ComputeResource,
-                        store: GeometryStore) -> MaterializeResult:
+                        store: GeometryStore, step_executor: StepExecutor) -> MaterializeResult:
     import dataclasses
 
     from .models import GeometryModel, ModelConfig
@@ -141,10 +142,7 @@ def geometry_checkpoint(context: AssetExecutionContext, config: CheckpointConfig
     ts_path = store.existing(TRAINING_SET, "geometry_training_set")
     ts = GeometryTrainingSet.load(ts_path)
     fingerprint = file_sha256(ts_path)
-    device = compute.torch_device()
-    amp = compute.use_amp()
-    if device.type == "cpu" and size.name != "tiny":
-        context.log.warning(f"geometry size '{size.name}' on CPU: expect hours; MIHD_GEOMETRY_SIZE=tiny is the CPU size")
+    cs = compute.settings()
     train_cfg = size.train if not config.steps else dataclasses.replace(size.train, steps=config.steps)
     model_cfg = ModelConfig(
         in_dim=ts.slides[0].features.shape[1], dims=ts.dims, width=size.width, heads=size.heads,
@@ -157,7 +155,16 @@ def geometry_checkpoint(context: AssetExecutionContext, config: CheckpointConfig
         ckpt.unlink()
     # The frozen encoder travels with the checkpoint, so new data can be encoded the same way.
     extra = {"encoder": ts.encoder, "slides": {"train": ts.slide_ids("train"), "heldout": ts.slide_ids("heldout")}}
-    result = train(ts, model_cfg, train_cfg, ckpt, fingerprint, device=device, amp=amp, log=context.log.info, extra=extra)
+
+    def work(log):
+        device = cs.torch_device()
+        amp = cs.use_amp()
+        if device.type == "cpu" and size.name != "tiny":
+            log.warning(f"geometry size '{size.name}' on CPU: expect hours; MIHD_GEOMETRY_SIZE=tiny is the CPU size")
+        return train(ts, model_cfg, train_cfg, ckpt, fingerprint, device=device, amp=amp, log=log.info,
+                     extra=extra), device, amp
+
+    result, device, amp = step_executor.run(context, "geometry", work)
     record = {
         "checkpoint_id": file_sha256(ckpt)[:16],
         "path": str(ckpt),
@@ -224,21 +231,28 @@ def _check_results(frame: pd.DataFrame) -> list[AssetCheckResult]:
         "trustworthiness@k per slide, method and sigma bin."
     ),
 )
-def geometry_evaluation(context: AssetExecutionContext, compute: ComputeResource, store: GeometryStore) -> MaterializeResult:
+def geometry_evaluation(context: AssetExecutionContext, compute: ComputeResource, store: GeometryStore,
+                        step_executor: StepExecutor) -> MaterializeResult:
     from .evaluate import evaluate, refine_stop
     from .targets import GeometryTrainingSet
     from .train import checkpoint_sigma_gen, load_model
 
     ckpt = store.existing(CHECKPOINT, "geometry_checkpoint")
     ts = GeometryTrainingSet.load(store.existing(TRAINING_SET, "geometry_training_set"))
-    device = compute.torch_device()
-    model, saved = load_model(ckpt, device)
-    sigma_gen = checkpoint_sigma_gen(saved, str(ckpt))
+    cs = compute.settings()
     started = time.perf_counter()
-    frame = evaluate(model, ts, PLAN, device, amp=compute.use_amp(), batch_size=compute.batch_size,
-                     log=context.log.info, sigma_gen=sigma_gen)
+
+    def work(log):
+        device = cs.torch_device()
+        model, saved = load_model(ckpt, device)
+        sigma_gen = checkpoint_sigma_gen(saved, str(ckpt))
+        frame = evaluate(model, ts, PLAN, device, amp=cs.use_amp(), batch_size=cs.batch_size, log=log.info,
+                         sigma_gen=sigma_gen)
+        return frame, int(saved["step"]), sigma_gen, device
+
+    frame, step, sigma_gen, device = step_executor.run(context, "geometry", work)
     frame.insert(0, "checkpoint_id", file_sha256(ckpt)[:16])
-    frame.insert(1, "step", int(saved["step"]))
+    frame.insert(1, "step", step)
     frame["sigma_data"] = ts.sigma_data
     frame["k"] = PLAN.knn_k
     path = store.path(EVALUATION)
@@ -248,7 +262,7 @@ def geometry_evaluation(context: AssetExecutionContext, compute: ComputeResource
         metadata={
             "path": str(path),
             "checkpoint_id": str(frame["checkpoint_id"].iloc[0]),
-            "step": int(saved["step"]),
+            "step": step,
             "sigma_gen": round(sigma_gen, 5),
             "refine_schedule": MetadataValue.json({
                 "sigma_refine": round(PLAN.sigma_refine_factor * ts.sigma_data, 5), "steps": PLAN.refine_steps,

@@ -30,6 +30,7 @@ from mihd_resources.orchestration import GPU_POOL, gpu_op_tags
 from mihd_assets.fileio import atomic_write_bytes, atomic_write_text, file_sha256, tree_fingerprint
 from mihd_resources import ComputeResource, MetricsStore, settings
 from mihd_resources.metrics_store import DUCKDB_WRITER_POOL, read_only_query
+from mihd_resources.step_executor import StepExecutor
 from mihd_resources.weights import ModelWeightsResource
 
 from .partitions import ANNOTATIONS, CLINICAL, DONOR_TILES, donors_partitions
@@ -224,16 +225,21 @@ def _fine_tune_factory(model: str):
         description=f"E1 `{model}` checkpoint: the baseline fine-tuned with cellpose.train.train_seg on {what}; "
         "the state dict is stored atomically and min_train_masks drops are counted.",
     )
-    def _asset(context: AssetExecutionContext, compute: ComputeResource) -> MaterializeResult:
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, step_executor: StepExecutor) -> MaterializeResult:
         from .cellpose_api import train
 
         plan = plan_for_profile()
         base = checkpoint_manifest("baseline")
         data = _train_images(model, load_split("train"), plan.marker)
         out = store("checkpoints", f"{model}.pt")
-        result = train(base["path"], data.images, data.masks, out, n_epochs=plan.n_epochs, learning_rate=plan.learning_rate,
-                       weight_decay=plan.weight_decay, batch_size=plan.batch_size, min_train_masks=plan.min_train_masks,
-                       seed=0, device=compute.torch_device(), progress=context.log.info)
+        cs = compute.settings()
+
+        def work(log):
+            return train(base["path"], data.images, data.masks, out, n_epochs=plan.n_epochs,
+                         learning_rate=plan.learning_rate, weight_decay=plan.weight_decay, batch_size=plan.batch_size,
+                         min_train_masks=plan.min_train_masks, seed=0, device=cs.torch_device(), progress=log.info)
+
+        result = step_executor.run(context, "segmentation", work)
         dropped = [data.records[i]["image_id"] for i in result.dropped]
         if dropped:
             context.log.warning(f"{model}: {len(dropped)} training image(s) with < {plan.min_train_masks} masks left out: {dropped}")
@@ -273,7 +279,7 @@ def _predict_factory(model: str):
         description=f"E1: instance masks predicted by the `{model}` checkpoint on every test image "
         "(cellpose eval with the plan's thresholds), stored as .npz.",
     )
-    def _asset(context: AssetExecutionContext, compute: ComputeResource) -> MaterializeResult:
+    def _asset(context: AssetExecutionContext, compute: ComputeResource, step_executor: StepExecutor) -> MaterializeResult:
         from .cellpose_api import load_model, segment
 
         plan = plan_for_profile()
@@ -282,15 +288,20 @@ def _predict_factory(model: str):
         if model == "marker_only":
             test = test.without_dapi()
         started = time.perf_counter()
-        loaded = load_model(manifest["path"], compute.torch_device())
-        masks = segment(loaded, test.images, plan.eval)
+        cs = compute.settings()
+
+        def work(log):
+            loaded = load_model(manifest["path"], cs.torch_device())
+            return segment(loaded, test.images, plan.eval), str(loaded.device)
+
+        masks, device = step_executor.run(context, "segmentation", work)
         seconds = time.perf_counter() - started
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **{f"pred_{i:05d}": m for i, m in enumerate(masks)})
         atomic_write_bytes(store("e1", f"predictions_{model}.npz"), buffer.getvalue())
         return MaterializeResult(metadata={"model": model, "n_images": len(masks), "n_pred_masks": int(sum(m.max() for m in masks)),
                                            "seconds": round(seconds, 2), "weights": manifest["weights"], "config": manifest["config"],
-                                           "device": str(loaded.device), "eval": MetadataValue.json(plan.describe()["eval"])})
+                                           "device": device, "eval": MetadataValue.json(plan.describe()["eval"])})
 
     return _asset
 
@@ -347,23 +358,11 @@ def e1_segmentation_metrics(context: AssetExecutionContext, metrics: MetricsStor
 E2_RUNS = seg_key("e2_budget_runs")
 
 
-@asset(
-    key=E2_RUNS, deps=[E0_SET, BASELINE], group_name=GROUP, pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="2",
-    kinds={"pytorch", "cellpose"}, check_specs=[_weights_spec(E2_RUNS), _drops_spec(E2_RUNS)],
-    description="E2 label efficiency: the baseline fine-tuned on budgets of 2, 5, 10, 20, 30 training images "
-    "(a seed picks each subset), each scored on the test set; checkpoints and scores stored per run.",
-)
-def e2_budget_runs(context: AssetExecutionContext, compute: ComputeResource) -> MaterializeResult:
+def _e2_runs(log, plan, base: dict, train_set, test, ids: list[str], device, profile: str):
+    """Every budget x seed fine-tune of E2 and its test scores (the step's compute)."""
     from .cellpose_api import load_model, segment, train
     from .scoring import score_masks
 
-    plan = plan_for_profile()
-    base = checkpoint_manifest("baseline")
-    train_set, test = load_split("train"), load_split("test")
-    if max(plan.budgets) > len(train_set.images):
-        raise ValueError(f"E2 budget {max(plan.budgets)} exceeds the {len(train_set.images)} annotated training images")
-    ids = [r["image_id"] for r in test.records]
-    device = compute.torch_device()
     runs, score_frames, drops = [], [], 0
     total = len(plan.budgets) * len(plan.budget_seeds)
     for k, (budget, seed) in enumerate(((b, s) for b in plan.budgets for s in plan.budget_seeds), 1):
@@ -379,15 +378,38 @@ def e2_budget_runs(context: AssetExecutionContext, compute: ComputeResource) -> 
         dropped = [subset.records[i]["image_id"] for i in result.dropped]
         drops += len(dropped)
         if dropped:
-            context.log.warning(f"E2 {name}: {len(dropped)} image(s) with < {plan.min_train_masks} masks left out: {dropped}")
+            log.warning(f"E2 {name}: {len(dropped)} image(s) with < {plan.min_train_masks} masks left out: {dropped}")
         runs.append({"model": name, "budget": budget, "seed": seed, "images": [subset.records[i]["image_id"] for i in range(budget)],
-                     "sha256": result.sha256, "config": base["config"], "profile": settings.profile(), "init_weights": base["weights"],
+                     "sha256": result.sha256, "config": base["config"], "profile": profile, "init_weights": base["weights"],
                      "weights": f"finetuned_from:{base['weights']}", "n_train_given": result.n_images_given,
                      "n_train_used": result.n_images_used, "dropped_min_masks": dropped, "min_train_masks": plan.min_train_masks,
                      "n_epochs": plan.n_epochs, "learning_rate": plan.learning_rate, "final_train_loss": result.train_losses[-1],
                      "seconds": round(result.seconds, 2)})
         ap = float(scores[scores["level"] == "total"]["ap50"].iloc[0])
-        context.log.info(f"E2 {k}/{total}: {name} test AP50 {ap:.3f} ({result.seconds:.0f} s)")
+        log.info(f"E2 {k}/{total}: {name} test AP50 {ap:.3f} ({result.seconds:.0f} s)")
+    return runs, score_frames, drops
+
+
+@asset(
+    key=E2_RUNS, deps=[E0_SET, BASELINE], group_name=GROUP, pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="2",
+    kinds={"pytorch", "cellpose"}, check_specs=[_weights_spec(E2_RUNS), _drops_spec(E2_RUNS)],
+    description="E2 label efficiency: the baseline fine-tuned on budgets of 2, 5, 10, 20, 30 training images "
+    "(a seed picks each subset), each scored on the test set; checkpoints and scores stored per run.",
+)
+def e2_budget_runs(context: AssetExecutionContext, compute: ComputeResource, step_executor: StepExecutor) -> MaterializeResult:
+    plan = plan_for_profile()
+    base = checkpoint_manifest("baseline")
+    train_set, test = load_split("train"), load_split("test")
+    if max(plan.budgets) > len(train_set.images):
+        raise ValueError(f"E2 budget {max(plan.budgets)} exceeds the {len(train_set.images)} annotated training images")
+    ids = [r["image_id"] for r in test.records]
+    cs = compute.settings()
+    profile = settings.profile()
+
+    def work(log):
+        return _e2_runs(log, plan, base, train_set, test, ids, cs.torch_device(), profile)
+
+    runs, score_frames, drops = step_executor.run(context, "segmentation", work)
     scores = pd.concat(score_frames, ignore_index=True)
     atomic_write_text(store("e2", "runs.json"), json.dumps({"runs": runs}, indent=1))
     atomic_write_bytes(store("e2", "scores.csv"), scores.to_csv(index=False).encode())
@@ -463,7 +485,7 @@ E4_SWEEP = seg_key(E4_NAME)
     "micro_sam is installed (MIHD_MICROSAM_CHECKPOINT), otherwise a PROXY - the generic cellpose predictions "
     "restricted to instances hit by the point grid - labelled `proxy` in key, metadata and rows.",
 )
-def e4_amg_sweep(context: AssetExecutionContext, compute: ComputeResource) -> MaterializeResult:
+def e4_amg_sweep(context: AssetExecutionContext, compute: ComputeResource, step_executor: StepExecutor) -> MaterializeResult:
     from .gating import grid_prompted_masks
     from .scoring import score_masks
 
@@ -474,8 +496,13 @@ def e4_amg_sweep(context: AssetExecutionContext, compute: ComputeResource) -> Ma
     if MICRO_SAM:
         from .amg import microsam_masks
 
-        for pps in plan.points_per_side:
-            predicted = microsam_masks(test.images, pps, compute.torch_device())
+        cs = compute.settings()
+
+        def work(log):
+            device = cs.torch_device()
+            return [microsam_masks(test.images, pps, device) for pps in plan.points_per_side]
+
+        for pps, predicted in zip(plan.points_per_side, step_executor.run(context, "segmentation", work)):
             frames.append(score_masks(test.masks, predicted, ids).assign(variant=f"pps_{pps}", points_per_side=pps))
         weights, config = f"file:{os.environ.get('MIHD_MICROSAM_CHECKPOINT', '')}", "micro_sam"
     else:
@@ -533,7 +560,7 @@ def donor_counts_path(donor: str) -> Path:
     description="E5 full inference on every tile of one donor with the baseline and the fine-tuned model: cells and "
     "marker-positive cells per tile. Tiles found by strict .tif/.tiff suffix and channel pairing; unreadable ones skipped and recorded.",
 )
-def e5_tile_counts(context: AssetExecutionContext, compute: ComputeResource) -> MaterializeResult:
+def e5_tile_counts(context: AssetExecutionContext, compute: ComputeResource, step_executor: StepExecutor) -> MaterializeResult:
     from .cellpose_api import load_model, segment
     from .gating import count_positive
     from .tiles import SkippedTile, TileReadError, cellpose_image, discover_tiles, read_pair
@@ -558,20 +585,28 @@ def e5_tile_counts(context: AssetExecutionContext, compute: ComputeResource) -> 
     if not images:
         raise ValueError(f"donor {donor}: no readable {plan.marker or ''} tile in {folder} "
                          f"({len(skipped)} skipped: {'; '.join(f'{s.file}: {s.reason}' for s in skipped) or 'no tile files'})")
-    device = compute.torch_device()
-    rows, info = [], {}
-    for role, source in (("baseline", "baseline"), ("finetuned", plan.e5_finetuned_model)):
-        manifest = checkpoint_manifest(source)
-        loaded = load_model(manifest["path"], device)
-        started = time.perf_counter()
-        masks = segment(loaded, images, plan.eval)
-        for name, image, mask in zip(names, images, masks):
-            n_cells, n_positive = count_positive(mask, image[1], plan.marker_threshold)
-            rows.append({"donor_id": donor, "model": role, "model_source": source, "weights": manifest["weights"],
-                         "config": manifest["config"], "tile": name, "marker": plan.marker, "n_cells": n_cells,
-                         "n_positive": n_positive, "marker_threshold": plan.marker_threshold})
-        info[role] = {"source": source, "weights": manifest["weights"], "seconds": round(time.perf_counter() - started, 2)}
-        context.log.info(f"donor {donor}: {role} ({source}) counted {len(images)} tiles in {info[role]['seconds']} s")
+    cs = compute.settings()
+    manifests = {source: checkpoint_manifest(source) for source in ("baseline", plan.e5_finetuned_model)}
+
+    def work(log):
+        device = cs.torch_device()
+        rows, info = [], {}
+        for role, source in (("baseline", "baseline"), ("finetuned", plan.e5_finetuned_model)):
+            manifest = manifests[source]
+            loaded = load_model(manifest["path"], device)
+            started = time.perf_counter()
+            masks = segment(loaded, images, plan.eval)
+            for name, image, mask in zip(names, images, masks):
+                n_cells, n_positive = count_positive(mask, image[1], plan.marker_threshold)
+                rows.append({"donor_id": donor, "model": role, "model_source": source, "weights": manifest["weights"],
+                             "config": manifest["config"], "tile": name, "marker": plan.marker, "n_cells": n_cells,
+                             "n_positive": n_positive, "marker_threshold": plan.marker_threshold})
+            info[role] = {"source": source, "weights": manifest["weights"],
+                          "seconds": round(time.perf_counter() - started, 2)}
+            log.info(f"donor {donor}: {role} ({source}) counted {len(images)} tiles in {info[role]['seconds']} s")
+        return rows, info
+
+    rows, info = step_executor.run(context, "segmentation", work)
     doc = {"donor": donor, "counts": rows, "skipped": [s.as_row() for s in skipped], "models": info}
     atomic_write_text(donor_counts_path(donor), json.dumps(doc))
     frame = pd.DataFrame(rows)
