@@ -48,9 +48,6 @@ from pydantic import Field
 
 from .settings import SQL_DIR
 
-# Kept for the asset definitions that still name it; writes no longer need a pool (see
-# docs/metrics_storage.md).
-DUCKDB_WRITER_POOL = "duckdb_writer"
 BOOKKEEPING = ("asset_key", "partition_key", "run_id", "code_version", "written_at")
 
 CATALOG_FORMAT = "mihd-metrics-catalog-2"

@@ -25,7 +25,6 @@ from dagster import (
 )
 from dagster_k8s.job import USER_DEFINED_K8S_CONFIG_KEY
 
-from .metrics_store import DUCKDB_WRITER_POOL
 
 # Observable source assets, per-partition data versions and explicit output data versions
 # are the mechanisms freshness rests on; Dagster marks them beta, which would print a
@@ -34,7 +33,6 @@ warnings.filterwarnings("ignore", category=BetaWarning)
 
 __all__ = [
     "changed_data_versions",
-    "DUCKDB_WRITER_POOL",
     "GPU_FAMILIES",
     "GPU_POOL",
     "K8S_CONFIG_ENV",

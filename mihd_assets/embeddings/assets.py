@@ -28,7 +28,6 @@ from mihd_resources.orchestration import slides_partitions
 from mihd_assets.matrix import MATRIX
 from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key, require_tissue_check
 from mihd_resources import ComputeResource, MetricsStore, settings
-from mihd_resources.metrics_store import DUCKDB_WRITER_POOL
 from mihd_resources.step_executor import StepExecutor
 from mihd_resources.weights import ModelWeightsResource
 
@@ -237,7 +236,6 @@ ALL_EMBEDDING_KEYS = [gene_key(e) for e in MATRIX.gene_encoders] + [
     ins={"_".join(k.path[1:]): AssetIn(key=k) for k in ALL_EMBEDDING_KEYS},
     group_name=GROUP,
     partitions_def=slides_partitions,
-    pool=DUCKDB_WRITER_POOL,
     code_version="1",
     kinds={"python", "duckdb"},
 )

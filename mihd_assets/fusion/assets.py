@@ -33,7 +33,6 @@ from mihd_assets.matrix import MATRIX, cluster_count, replicate_suffix
 from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key
 from mihd_resources import ComputeResource, MetricsStore, settings
 from mihd_resources.clustering import ClusteringResource
-from mihd_resources.metrics_store import DUCKDB_WRITER_POOL
 from mihd_resources.step_executor import StepExecutor
 
 from . import normalize
@@ -523,7 +522,6 @@ def _metrics_factory(clustering: AssetKey):
         ins={"labels": AssetIn(key=clustering), "raw": AssetIn(key=RAW_SLIDE)},
         group_name="evaluation",
         partitions_def=slides_partitions,
-        pool=DUCKDB_WRITER_POOL,
         code_version="1",
         kinds={"python", "duckdb"},
         description=(

@@ -37,7 +37,6 @@ from mihd_resources.geometry_store import (
     TRAINING_SET,
     GeometryStore,
 )
-from mihd_resources.metrics_store import DUCKDB_WRITER_POOL
 from mihd_resources.step_executor import StepExecutor
 from mihd_resources.storage import validate_partition_key
 
@@ -280,7 +279,6 @@ def geometry_evaluation(context: AssetExecutionContext, compute: ComputeResource
     key=METRICS_KEY,
     deps=[EVALUATION_KEY, CHECKPOINT_KEY],
     group_name=GROUP,
-    pool=DUCKDB_WRITER_POOL,
     code_version="1",
     kinds={"python", "duckdb"},
     description=(

@@ -29,7 +29,7 @@ from mihd_resources.orchestration import throttled_log
 from mihd_resources.orchestration import GPU_POOL, gpu_op_tags
 from mihd_assets.fileio import atomic_write_bytes, atomic_write_text, file_sha256, tree_fingerprint
 from mihd_resources import ComputeResource, MetricsStore, settings
-from mihd_resources.metrics_store import DUCKDB_WRITER_POOL, read_only_query
+from mihd_resources.metrics_store import read_only_query
 from mihd_resources.step_executor import StepExecutor
 from mihd_resources.weights import ModelWeightsResource
 
@@ -101,7 +101,7 @@ E0_SPLIT = seg_key("e0_donor_split")
 
 
 @asset(
-    key=E0_SPLIT, deps=[ANNOTATIONS, DONOR_TILES], group_name=GROUP, pool=DUCKDB_WRITER_POOL, code_version="1", kinds={"python", "duckdb"},
+    key=E0_SPLIT, deps=[ANNOTATIONS, DONOR_TILES], group_name=GROUP, code_version="1", kinds={"python", "duckdb"},
     description="E0: donor-level train/val/test split of the annotated tiles (no donor in two splits), "
     "written to split.json and DuckDB `segmentation_split`; split sizes in metadata.",
 )
@@ -329,7 +329,7 @@ def _model_row(experiment: str, manifest: dict) -> dict:
 
 @asset(
     key=seg_key("e1_segmentation_metrics"), deps=[predictions_key(m) for m in MODELS], group_name=GROUP,
-    pool=DUCKDB_WRITER_POOL, code_version="1", kinds={"python", "duckdb"},
+    code_version="1", kinds={"python", "duckdb"},
     description="E1 test-set AP@0.5, precision, recall, F1 and TP/FP/FN per image and in total for each model "
     "(cellpose.metrics) into DuckDB `segmentation_metrics`; the models' training records into `segmentation_models`.",
 )
@@ -424,7 +424,7 @@ def e2_budget_runs(context: AssetExecutionContext, compute: ComputeResource, ste
 
 
 @asset(
-    key=seg_key("e2_budget_metrics"), deps=[E2_RUNS], group_name=GROUP, pool=DUCKDB_WRITER_POOL, code_version="1",
+    key=seg_key("e2_budget_metrics"), deps=[E2_RUNS], group_name=GROUP, code_version="1",
     kinds={"python", "duckdb"},
     description="E2 rows into DuckDB: test scores of every budget x seed run in `segmentation_metrics` "
     "(the curve is the view `segmentation_e2_curve`) and the runs in `segmentation_models`.",
@@ -444,7 +444,7 @@ def e2_budget_metrics(context: AssetExecutionContext, metrics: MetricsStore) -> 
 
 
 @asset(
-    key=seg_key("e3_gating_metrics"), deps=[E0_SET, predictions_key("generic")], group_name=GROUP, pool=DUCKDB_WRITER_POOL,
+    key=seg_key("e3_gating_metrics"), deps=[E0_SET, predictions_key("generic")], group_name=GROUP, 
     code_version="1", kinds={"python", "duckdb"},
     description="E3 post-processing ablation on the generic fine-tune's test predictions: marker-intensity quantile "
     "gating (q0_100, q2_98, q5_95) x minimum area (50, 60, 80), scored with cellpose.metrics into `segmentation_metrics`.",
@@ -527,7 +527,7 @@ def e4_amg_sweep(context: AssetExecutionContext, compute: ComputeResource, step_
 
 
 @asset(
-    key=seg_key(f"{E4_NAME}_metrics"), deps=[E4_SWEEP], group_name=GROUP, pool=DUCKDB_WRITER_POOL, code_version="1",
+    key=seg_key(f"{E4_NAME}_metrics"), deps=[E4_SWEEP], group_name=GROUP, code_version="1",
     kinds={"python", "duckdb"},
     description="E4 sweep scores per points-per-side into DuckDB `segmentation_metrics` (method column says "
     "`proxy:...` on every row when micro-sam did not run).",
@@ -628,7 +628,7 @@ def e5_tile_counts(context: AssetExecutionContext, compute: ComputeResource, ste
 
 @asset(
     key=seg_key("e5_tile_counts_metrics"), deps=[E5_COUNTS], partitions_def=donors_partitions, group_name=GROUP,
-    pool=DUCKDB_WRITER_POOL, code_version="1", kinds={"python", "duckdb"},
+    code_version="1", kinds={"python", "duckdb"},
     description="One donor's E5 per-tile counts into DuckDB `tile_counts` and its skipped tiles (with reasons) "
     "into `skipped_tiles`.",
 )
@@ -646,7 +646,7 @@ E5_STATS = seg_key("e5_donor_statistics")
 
 
 @asset(
-    key=E5_STATS, deps=[E5_COUNTS, CLINICAL], group_name=GROUP, pool=DUCKDB_WRITER_POOL, code_version="1", kinds={"python", "duckdb", "scipy"},
+    key=E5_STATS, deps=[E5_COUNTS, CLINICAL], group_name=GROUP, code_version="1", kinds={"python", "duckdb", "scipy"},
     description="E5 donor-level statistics over every donor with tile counts: donor ratio = sum(positive)/sum(cells), "
     "Spearman vs the eight outcomes with BH-FDR (missing codes dropped and counted), tile-bootstrap CI and sign "
     "consistency; baseline and fine-tuned side by side in `donor_ratios`, `e5_spearman`, `e5_bootstrap`.",
@@ -708,7 +708,7 @@ REPORT = seg_key("segmentation_report")
     key=REPORT,
     deps=[seg_key("e1_segmentation_metrics"), seg_key("e2_budget_metrics"), seg_key("e3_gating_metrics"),
           seg_key(f"{E4_NAME}_metrics"), E5_STATS, seg_key("e5_tile_counts_metrics")],
-    group_name=GROUP, pool=DUCKDB_WRITER_POOL, code_version="2", kinds={"python", "plotly"},
+    group_name=GROUP, code_version="2", kinds={"python", "plotly"},
     description="Manuscript-ready E1-E5 summary (markdown + offline HTML with the E2 budget curve and the E5 forest "
     "plot) built only from the DuckDB views; reading shares the DuckDB writer pool because DuckDB locks the file per process.",
 )

@@ -24,7 +24,6 @@ from dagster import (
 from mihd_resources.orchestration import changed_data_versions, slides_partitions
 from mihd_assets.fileio import file_sha256, tree_fingerprint
 from mihd_resources import MetricsStore, StorageResource, settings
-from mihd_resources.metrics_store import DUCKDB_WRITER_POOL
 
 from .coords import check_slide_images
 from .io import read_visium_slide
@@ -285,7 +284,6 @@ preprocessed_slides = [_preprocessed_factory(p) for p in MATERIALIZED_PRESETS]
     },
     group_name=GROUP,
     partitions_def=slides_partitions,
-    pool=DUCKDB_WRITER_POOL,
     code_version="1",
     kinds={"python", "duckdb"},
 )
