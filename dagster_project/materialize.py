@@ -363,8 +363,26 @@ class _Runner:
                 raise_on_error=False, run_config={"loggers": self.loggers, "execution": {"config": {
                     "multiprocess": {"max_concurrent": processes, "start_method": _start_method()}}}},
             )
-            errors = step_errors(self.instance, result.run_id) if not result.success else []
+            errors = _crash_explained(self.instance, result.run_id) if not result.success else []
         return _Outcome(p.unit.label, result.run_id, result.success, time.perf_counter() - started, errors)
+
+
+def _crash_explained(instance: DagsterInstance, run_id: str) -> list[str]:
+    """``step_errors`` of a run, a step whose process died (kill -9, the OOM killer) told by
+    Dagster's own explanation ("... was terminated by signal 9 (SIGKILL)") instead of the bare
+    ChildProcessCrashException."""
+    from dagster import DagsterEventType
+
+    explained = {}
+    for entry in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+        if entry.step_key and "child process for step" in entry.message:
+            explained[entry.step_key] = entry.message.strip()
+    errors = []
+    for line in step_errors(instance, run_id):
+        step, _, message = line.partition(": ")
+        errors.append(f"{step}: {explained[step]}" if message.endswith("ChildProcessCrashException") and step in explained
+                      else line)
+    return errors
 
 
 def _start_method() -> dict:
