@@ -321,10 +321,13 @@ def test_three_slides_through_the_queue_share_one_gpu(postgres_server, postgres_
             args.append(step_key)
         return rows(sql + " ORDER BY id", *args)
 
-    # Through the queue: enqueued by the webserver, dequeued and launched by the daemon.
-    queued = events([DagsterEventType.RUN_ENQUEUED.value, DagsterEventType.RUN_DEQUEUED.value])
-    assert sorted((r, k) for r, _, k, _ in queued) == sorted(
-        (r, k) for r in run_of.values() for k in (DagsterEventType.RUN_ENQUEUED.value, DagsterEventType.RUN_DEQUEUED.value))
+    # Through the queue: enqueued by the webserver, then started by the daemon's queue loop.
+    enqueued, starting = DagsterEventType.RUN_ENQUEUED.value, DagsterEventType.RUN_STARTING.value
+    order = {}
+    for run_id, _, kind, ts in events([enqueued, starting]):
+        order.setdefault(run_id, {})[kind] = ts
+    assert sorted(order) == sorted(run_of.values()), order
+    assert all(set(o) == {enqueued, starting} and o[enqueued] < o[starting] for o in order.values()), order
     # The three runs were in flight together, so the pool (not the queue) kept the GPU steps apart.
     windows = {}
     for run_id, _, kind, ts in events([DagsterEventType.RUN_START.value, DagsterEventType.RUN_SUCCESS.value]):
