@@ -8,6 +8,8 @@ a step process starts in well under a second instead of importing all of it agai
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.util
 import os
 from pathlib import Path
 
@@ -15,6 +17,22 @@ from dagster import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 
 from dagster_project.definitions import defs
+
+# A process started by a forkserver gets "forkserver" as its default start method, so a step's
+# own worker processes (the vision DataLoader's) would each start a second forkserver and
+# import torch again. Steps get the default they have under `mihd --serial` and in any plain
+# Python process on Linux, fork: set in the after-fork hook multiprocessing runs in each child
+# once its start method is in place.
+
+
+class _StartMethod:
+    def reset(self) -> None:
+        if "fork" in multiprocessing.get_all_start_methods():
+            multiprocessing.set_start_method("fork", force=True)
+
+
+_START_METHOD = _StartMethod()
+multiprocessing.util.register_after_fork(_START_METHOD, _StartMethod.reset)
 
 defs.get_repository_def()
 defs.resolve_implicit_global_asset_job_def()
