@@ -161,7 +161,7 @@ def test_failing_job_fails_the_step_with_exit_code_and_stderr(slurm, slurm_env):
 
 def test_job_that_cannot_start_fails_with_slurms_reason(slurm, slurm_env):
     # Hold both CPUs of the node, so the step's job stays pending for lack of resources.
-    blocker = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", "--mem=500M", "--wrap", "sleep 120"],
+    blocker = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", "--mem=500M", "--output=/dev/null", "--wrap", "sleep 120"],
                              env=slurm.env(), capture_output=True, text=True, check=True).stdout.strip()
     try:
         deadline = time.monotonic() + 30
