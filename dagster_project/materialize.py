@@ -19,19 +19,20 @@ killed as failed and frees its pool slots (``reap_dead_runs``).
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
-from dagster._utils.interrupts import _received_interrupt, capture_interrupts, check_captured_interrupt
+from dagster._utils.interrupts import capture_interrupts, check_captured_interrupt
 
 from mihd_assets.slides.assets import BLOCKING_GATES
 from mihd_resources.orchestration import step_errors
@@ -334,6 +335,7 @@ class _Runner:
 
     def __init__(self, defs, instance: DagsterInstance, log_level: str, tags: dict, execution: Execution):
         self.instance = instance
+        self._spec = {"log_level": log_level, "tags": dict(tags), "execution": execution}
         self.tags = {**tags, **launcher_tags()}
         self.execution = execution
         self.job = defs.resolve_implicit_global_asset_job_def()
@@ -343,6 +345,10 @@ class _Runner:
 
             repository = ReconstructableRepository.for_module(DEFINITIONS_MODULE, "defs")
             self.recon_job = repository.get_reconstructable_job(self.job.name)
+
+    def spec(self) -> dict:
+        """What a run process needs to build the same runner (its own launcher tags)."""
+        return self._spec
 
     def run(self, p: UnitPlan, token: str, processes: int) -> _Outcome:
         tags = {**self.tags, TAG_ATTEMPT: token}
@@ -389,7 +395,7 @@ def _start_method() -> dict:
     """Step processes forked from a server that imported the definitions once (a step then
     starts in about a second instead of re-importing torch, scanpy and every asset module)."""
     if "forkserver" in multiprocessing.get_all_start_methods():
-        return {"forkserver": {"preload_modules": [DEFINITIONS_MODULE, "dagster_project.worker_preload"]}}
+        return {"forkserver": {"preload_modules": _PRELOAD}}
     return {"spawn": {}}
 
 
@@ -475,40 +481,84 @@ def _run_wave(runner: _Runner, instance: DagsterInstance, launches: list[UnitPla
                 in_flight.finish(p.unit.label)
                 yield outcome
             return
-        free = list(range(runs))  # which share each run in flight has
+        # Several runs at once go in processes of their own, each the run worker of its run:
+        # Dagster reconfigures Python logging whenever a run starts (logging.config.dictConfig),
+        # which deadlocks against another run logging in a thread of the same process.
+        ctx = multiprocessing.get_context(_unit_start_method())
+        if ctx.get_start_method() == "forkserver":
+            ctx.set_forkserver_preload(_PRELOAD)
+        free = list(range(runs))  # which share of the step processes each run in flight has
         queue = list(launches)
-        with ThreadPoolExecutor(max_workers=runs, thread_name_prefix="mihd-run") as pool:
-            pending = {}
+        pending: dict = {}  # connection -> (plan, share index, process)
 
-            def submit(p: UnitPlan) -> None:
-                slot = free.pop(0)
-                in_flight.start(p.unit.label)
-                pending[pool.submit(runner.run, p, tokens[p.unit.label], shares[slot])] = (p, slot)
+        def submit(p: UnitPlan) -> None:
+            slot = free.pop(0)
+            receive, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_unit_worker, name=f"mihd-run-{p.unit.label}", daemon=False,
+                               args=(send, runner.spec(), p, tokens[p.unit.label], shares[slot]))
+            in_flight.start(p.unit.label)
+            proc.start()
+            send.close()
+            pending[receive] = (p, slot, proc)
 
-            interrupted = False
-            # Ctrl-C / SIGTERM: Dagster's executors poll a flag their main-thread handler sets
-            # (and each poll clears it); it is raised again until every run in flight stopped its
-            # steps, then the interrupt goes on to the caller. No new run starts after it.
-            with capture_interrupts():
+        interrupted = False
+        # Ctrl-C reaches the run processes with the terminal's signal; a SIGTERM to this process
+        # alone is passed on. No new run starts after either; the interrupt goes on once all stopped.
+        with capture_interrupts():
+            while queue and free:
+                submit(queue.pop(0))
+            while pending:
+                ready = multiprocessing.connection.wait(list(pending), timeout=0.5)
+                if check_captured_interrupt() and not interrupted:
+                    interrupted = True
+                    queue.clear()
+                    say("interrupted: stopping the running steps")
+                    for _, _, proc in pending.values():
+                        if proc.is_alive():
+                            os.kill(proc.pid, signal.SIGINT)
+                for receive in ready:
+                    p, slot, proc = pending.pop(receive)
+                    try:
+                        outcome = receive.recv()
+                    except EOFError:  # the run process died without a word (killed)
+                        proc.join()
+                        outcome = _Outcome(p.unit.label, "?", False, time.perf_counter() - in_flight.now()[p.unit.label],
+                                           [f"the process running this unit (pid {proc.pid}) ended with exit code "
+                                            f"{proc.exitcode}; the next `mihd materialize` marks its run failed"])
+                    receive.close()
+                    proc.join()
+                    in_flight.finish(p.unit.label)
+                    free.append(slot)
+                    if isinstance(outcome, Exception):  # as a run in this process would raise it
+                        raise outcome
+                    yield outcome
                 while queue and free:
                     submit(queue.pop(0))
-                while pending:
-                    done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    if check_captured_interrupt() and not interrupted:
-                        interrupted = True
-                        queue.clear()
-                        say("interrupted: stopping the running steps")
-                    if interrupted:
-                        _received_interrupt["received"] = True
-                    for future in done:
-                        p, slot = pending.pop(future)
-                        in_flight.finish(p.unit.label)
-                        free.append(slot)
-                        yield future.result()
-                    while queue and free:
-                        submit(queue.pop(0))
-            if interrupted:
-                raise KeyboardInterrupt
+        if interrupted:
+            raise KeyboardInterrupt
+
+
+_PRELOAD = [DEFINITIONS_MODULE, "dagster_project.worker_preload"]
+
+
+def _unit_start_method() -> str:
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def _unit_worker(send, spec: dict, p: UnitPlan, token: str, processes: int) -> None:
+    """In a process of its own: run one unit and send back its outcome (or the exception)."""
+    from dagster_project.definitions import defs
+
+    with DagsterInstance.get() as instance:
+        runner = _Runner(defs, instance, spec["log_level"], spec["tags"], spec["execution"])
+        try:
+            outcome = runner.run(p, token, processes)
+        except Exception as err:
+            outcome = err
+    send.send(outcome)
+    send.close()
+    if isinstance(outcome, Exception):
+        raise outcome
 
 
 class _InFlight:
