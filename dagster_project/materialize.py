@@ -10,8 +10,9 @@ children of a parent whose content did not change stay in sync and are not recom
 A partition downstream of a failed blocking check (``spots_on_tissue``) is reported as
 blocked, not retried, until its input files change.
 
-Each unit's run goes through Dagster's multiprocess executor with this process as its run
-worker (logs and errors in the user's shell), several units at once (``Execution``); every run
+Each unit's run goes through Dagster's multiprocess executor, run by this process (or, when
+several units run at once, by a child process of it each), so logs and errors stay in the
+user's shell (``Execution``); every run
 carries tags naming its launcher, so a later `mihd materialize` marks a run whose launcher was
 killed as failed and frees its pool slots (``reap_dead_runs``).
 """
@@ -188,10 +189,10 @@ def default_max_concurrent() -> int:
 class Execution:
     """How the planned runs execute.
 
-    By default each unit's run goes through Dagster's multiprocess executor, this process being
-    the run worker: independent steps run in child processes, ``max_concurrent`` step processes
-    in all (split between the runs in flight), up to ``max_runs`` units at once (default: the
-    instance's ``max_concurrent_runs``). Op-granularity pools (``gpu``, ``duckdb_writer``) are
+    By default each unit's run goes through Dagster's multiprocess executor: independent steps
+    run in child processes, ``max_concurrent`` step processes in all (split between the runs in
+    flight), up to ``max_runs`` units at once (default: the instance's ``max_concurrent_runs``),
+    each then run by a process of its own. Op-granularity pools (``gpu``, ``duckdb_writer``) are
     claimed through the instance, so they hold within a run and across runs. ``serial`` runs
     each unit in this process, one step at a time (for debugging: breakpoints, one traceback).
     """
