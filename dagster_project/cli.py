@@ -120,8 +120,10 @@ def _execution(args):
     max_concurrent = getattr(args, "max_concurrent", None)
     if max_concurrent is not None and max_concurrent < 1:
         raise SystemExit("mihd: --max-concurrent must be at least 1")
-    return Execution(serial=bool(getattr(args, "serial", False)),
-                     max_concurrent=max_concurrent or default_max_concurrent())
+    max_concurrent = max_concurrent or default_max_concurrent()
+    # One step process at a time is in-process execution (no per-step process start-up).
+    return Execution(serial=bool(getattr(args, "serial", False)) or max_concurrent == 1,
+                     max_concurrent=max_concurrent)
 
 
 def cmd_materialize(args) -> int:
@@ -135,7 +137,7 @@ def cmd_materialize(args) -> int:
         return 2
     instance = _instance()
     started = time.perf_counter()
-    # Runs whose `mihd` process was killed would hold their gpu / duckdb_writer slots forever.
+    # Runs whose `mihd` process was killed would hold their gpu slots forever.
     reap_dead_runs(instance)
     _register_partitions(instance)
     _observe_sources(defs, instance)
@@ -320,7 +322,7 @@ def cmd_demo(args) -> int:
 
 def _add_execution_args(p) -> None:
     p.add_argument("--max-concurrent", type=int, metavar="N",
-                   help="step processes at once, over all runs in flight (default: $MIHD_MAX_CONCURRENT or the CPUs)")
+                   help="step processes at once, over all runs in flight (default: $MIHD_MAX_CONCURRENT, else the CPUs; 1, i.e. in process, with 2 CPUs or fewer)")
     p.add_argument("--serial", action="store_true",
                    help="run each slide's steps in this process, one at a time (debugging)")
 

@@ -176,10 +176,15 @@ DEFINITIONS_MODULE = "dagster_project.definitions"
 
 
 def default_max_concurrent() -> int:
-    """``$MIHD_MAX_CONCURRENT`` when set, else the number of CPUs."""
+    """``$MIHD_MAX_CONCURRENT`` when set, else the number of CPUs, or 1 on a machine with two
+    CPUs or fewer: there a step process's start and warm-up (R, numba, torch: 2-3 s each) cost
+    more than two cores win back, and the demo's slide family runs about 2x slower in parallel
+    than in one process (benchmarks/parallel_demo.py). One step process means in-process
+    execution."""
     raw = os.environ.get("MIHD_MAX_CONCURRENT", "").strip()
     if not raw:
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+        return cpus if cpus > 2 else 1
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"MIHD_MAX_CONCURRENT={raw!r}: give a positive number of step processes")
     return int(raw)
@@ -192,8 +197,9 @@ class Execution:
     By default each unit's run goes through Dagster's multiprocess executor: independent steps
     run in child processes, ``max_concurrent`` step processes in all (split between the runs in
     flight), up to ``max_runs`` units at once (default: the instance's ``max_concurrent_runs``),
-    each then run by a process of its own. Op-granularity pools (``gpu``, ``duckdb_writer``) are
-    claimed through the instance, so they hold within a run and across runs. ``serial`` runs
+    each then run by a process of its own. Op-granularity pools are
+    claimed through the instance, so they hold within a run and across runs (``gpu`` is the one
+    pool; metric writes need none). ``serial`` runs
     each unit in this process, one step at a time (for debugging: breakpoints, one traceback).
     """
 
@@ -419,6 +425,9 @@ def execute(defs, instance: DagsterInstance, units: list[Unit], *, dry_run: bool
         with lock:
             echo(message, flush=True)
 
+    if not dry_run:
+        say("steps run in this process, one at a time (--max-concurrent N for N step processes)" if execution.serial
+            else f"steps run through Dagster's multiprocess executor: {execution.max_concurrent} step processes")
     failed: dict[str, str] = {}
     blocked: dict[str, str] = {}
     announced_fresh: set[str] = set()
