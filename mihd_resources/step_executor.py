@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
@@ -42,6 +43,9 @@ from dagster import ConfigurableResource, Failure, MetadataValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 T = TypeVar("T")
+
+# Dagster's Pipes session reads a preview property of the message reader at every session.
+warnings.filterwarnings("ignore", message=r".*expected_writer_count.*")
 
 FAMILIES = ("embeddings", "fusion", "geometry", "segmentation")
 EXECUTOR_ENV = "MIHD_EXECUTOR"
