@@ -71,10 +71,30 @@ def prepare_for_clustering(values: np.ndarray, standardize_first: bool, max_dims
     return x, " -> ".join(steps) or f"as stored ({x.shape[1]} dims)"
 
 
+def _import_robjects():
+    """``rpy2.robjects``, without leaving R's library path in this process's environment.
+
+    Embedding R sets ``LD_LIBRARY_PATH`` (R's lib folder, then the system's) in ``os.environ``.
+    R has loaded its libraries by then; the variable only reaches child processes, where it
+    makes another Python load the system's OpenSSL (``import ssl`` then fails) - every later
+    subprocess, Slurm job (``sbatch --export=ALL``) or spawned worker of the step would break.
+    """
+    import os
+
+    before = os.environ.get("LD_LIBRARY_PATH")
+    import rpy2.robjects as ro
+
+    if before is None:
+        os.environ.pop("LD_LIBRARY_PATH", None)
+    else:
+        os.environ["LD_LIBRARY_PATH"] = before
+    return ro
+
+
 def mclust_available() -> tuple[bool, str]:
     """Whether R, rpy2 and mclust can be used here, and why not."""
     try:
-        import rpy2.robjects as ro
+        ro = _import_robjects()
     except Exception as exc:  # rpy2 missing, or R's shared library not found
         return False, f"rpy2/R not usable ({type(exc).__name__}: {exc})"
     # system.file instead of rpy2's isinstalled, which makes R warn about every empty library folder
