@@ -371,10 +371,13 @@ class _Runner:
 
             if p.unit.partition is not None:
                 tags["dagster/partition"] = p.unit.partition
+            # A run with one step process at a time runs its steps in its own process: a child
+            # process per step would only add its start-up and warm-up (R, numba, torch).
+            executor = {"in_process": {}} if processes == 1 else {
+                "multiprocess": {"max_concurrent": processes, "start_method": _start_method()}}
             result = execute_job(
                 self.recon_job, instance=self.instance, asset_selection=list(p.todo), tags=tags,
-                raise_on_error=False, run_config={"loggers": self.loggers, "execution": {"config": {
-                    "multiprocess": {"max_concurrent": processes, "start_method": _start_method()}}}},
+                raise_on_error=False, run_config={"loggers": self.loggers, "execution": {"config": executor}},
             )
             errors = _crash_explained(self.instance, result.run_id) if not result.success else []
         return _Outcome(p.unit.label, result.run_id, result.success, time.perf_counter() - started, errors)
