@@ -21,6 +21,10 @@ from pathlib import Path
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 
 
+class SlurmUnavailable(RuntimeError):
+    """This machine cannot host the test cluster (a permission the container lacks)."""
+
+
 def missing_binaries() -> list[str]:
     found = []
     for name in BINARIES:
@@ -63,7 +67,10 @@ class LocalSlurm:
             node = dev / f"nvidia{i}"
             if not node.exists():
                 # Slurm refuses plain files as GPU devices; /dev/null's major/minor is enough.
-                subprocess.run(["mknod", str(node), "c", "1", "3"], check=True)
+                made = subprocess.run(["mknod", str(node), "c", "1", "3"], capture_output=True, text=True)
+                if made.returncode != 0:
+                    raise SlurmUnavailable(f"cannot make the fake GPU device {node} with mknod (no CAP_MKNOD "
+                                           f"here?): {made.stderr.strip()}")
         gres = f"Gres=gpu:{self.gpus}" if self.gpus else ""
         self.conf.write_text("\n".join([
             "ClusterName=mihdtest",

@@ -33,7 +33,7 @@ from mihd_resources.embedding_io_manager import EmbeddingIOManager
 from mihd_resources.orchestration import user_error
 from mihd_resources.step_executor import StepExecutor
 from mihd_resources.weights import ModelWeightsResource
-from tests.cluster.slurm_cluster import LocalSlurm, missing_binaries
+from tests.cluster.slurm_cluster import LocalSlurm, SlurmUnavailable, missing_binaries
 
 REPO = Path(__file__).resolve().parents[2]
 VISION = next(a for a in emb.vision_embeddings if a.key == emb.vision_key("uni", "standard"))
@@ -57,7 +57,11 @@ def slurm(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    cluster.start()
+    try:
+        cluster.start()
+    except SlurmUnavailable as exc:
+        cluster.stop()
+        pytest.skip(str(exc))
     try:
         yield cluster
     finally:
