@@ -42,12 +42,15 @@ import yaml
 from dagster import ConfigurableResource, Failure, MetadataValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .orchestration import GPU_FAMILIES
+
 T = TypeVar("T")
 
 # Dagster's Pipes session reads a preview property of the message reader at every session.
 warnings.filterwarnings("ignore", message=r".*expected_writer_count.*")
 
-FAMILIES = ("embeddings", "fusion", "geometry", "segmentation")
+# The same families whose Kubernetes pods are configured per family.
+FAMILIES = GPU_FAMILIES
 EXECUTOR_ENV = "MIHD_EXECUTOR"
 SLURM_CONFIG_ENV = "MIHD_SLURM_CONFIG"
 
@@ -141,6 +144,7 @@ class _Job:
         self.job_id = job_id
         self.env = env
         self.fields: dict[str, str] = {}
+        self.cancelled = False
 
     def refresh(self) -> dict[str, str]:
         out = subprocess.run(["scontrol", "show", "job", "-o", self.job_id], env=self.env, capture_output=True,
@@ -168,8 +172,11 @@ class _Job:
             "slurm_gres": f.get("TresPerNode", "") or f.get("TresPerJob", ""),
         }
 
-    def cancel(self) -> None:
-        subprocess.run(["scancel", self.job_id], env=self.env, capture_output=True, text=True)
+    def cancel(self) -> str | None:
+        """``scancel`` the job; Slurm's error when it refused (the caller reports it)."""
+        out = subprocess.run(["scancel", self.job_id], env=self.env, capture_output=True, text=True)
+        self.cancelled = out.returncode == 0
+        return None if out.returncode == 0 else (out.stderr or out.stdout).strip() or f"exit code {out.returncode}"
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -276,9 +283,13 @@ class StepExecutor(ConfigurableResource):
                 self._wait(context, job, spec, settings.poll_interval_s, stderr)
             except BaseException:
                 # Run cancelled, step interrupted, or the job failed: never leave it queued or running.
-                if job.state not in _FINISHED:
-                    job.cancel()
-                    context.log.warning(f"{context.op.name}: cancelled Slurm job {job.job_id}")
+                if job.state not in _FINISHED and not job.cancelled:
+                    refused = job.cancel()
+                    if refused:
+                        context.log.error(f"{context.op.name}: scancel {job.job_id} failed ({refused}); "
+                                          "the job may still be queued or running")
+                    else:
+                        context.log.warning(f"{context.op.name}: cancelled Slurm job {job.job_id}")
                 raise
         meta = job.metadata()
         if not result.is_file():
@@ -304,10 +315,11 @@ class StepExecutor(ConfigurableResource):
                     context.log.info(f"{context.op.name}: Slurm job {job.job_id} pending ({reason})")
                     last_reason = reason
                 if time.monotonic() - submitted_at > spec.pending_timeout_s:
-                    job.cancel()
+                    refused = job.cancel()
                     raise Failure(
                         f"Slurm job {job.job_id} for {context.op.name} still pending after "
-                        f"{spec.pending_timeout_s:.0f} s (pending_timeout_s); Slurm's reason: {reason}. Cancelled.",
+                        f"{spec.pending_timeout_s:.0f} s (pending_timeout_s); Slurm's reason: {reason}. "
+                        + (f"scancel failed: {refused}" if refused else "Cancelled."),
                         metadata=job.metadata(),
                     )
             time.sleep(poll_s)

@@ -8,9 +8,7 @@ the asset description really show up in the rendered UI.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BASE_ENV
+from tests.services.dagster_services import stop_group, tail
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -70,14 +69,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tail(path: Path, n: int = 60) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        return f"<cannot read {path}: {exc}>"
-    return "\n".join(lines[-n:])
-
-
 def _wait_for_server(base: str, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     last_error = ""
@@ -85,7 +76,7 @@ def _wait_for_server(base: str, proc: subprocess.Popen, log: Path) -> None:
         if proc.poll() is not None:
             pytest.fail(
                 f"dagster-webserver exited with code {proc.returncode} before answering; "
-                f"log {log}:\n{_tail(log)}"
+                f"log {log}:\n{tail(log)}"
             )
         try:
             with urllib.request.urlopen(f"{base}/server_info", timeout=5) as resp:
@@ -97,31 +88,8 @@ def _wait_for_server(base: str, proc: subprocess.Popen, log: Path) -> None:
         time.sleep(0.5)
     pytest.fail(
         f"dagster-webserver did not answer {base}/server_info within {STARTUP_TIMEOUT_S} s "
-        f"(last error: {last_error}); log {log}:\n{_tail(log)}"
+        f"(last error: {last_error}); log {log}:\n{tail(log)}"
     )
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the webserver's whole process group (it spawns a code server), then SIGKILL."""
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        proc.wait()
-        return
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    # The group may outlive its leader (the code server child); make sure nothing is left.
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def _skip_community_dialog(page) -> None:
@@ -230,10 +198,10 @@ def test_webserver_shows_materialized_slide_assets(materialized_home, tmp_path):
     except AssertionError as exc:
         raise AssertionError(
             f"{exc}\nscreenshots in {tmp_path} (graph: {graph_png}); page errors: {page_errors}\n"
-            f"webserver log tail ({log}):\n{_tail(log)}"
+            f"webserver log tail ({log}):\n{tail(log)}"
         ) from exc
     finally:
-        _stop_group(proc)
+        stop_group(proc)
 
     assert graph_png.exists(), f"no lineage screenshot at {graph_png}"
     assert not page_errors, (

@@ -244,24 +244,22 @@ class LocalPostgres:
 
         return psycopg2.connect(**self.connect_kwargs(dbname))
 
-    def create_database(self, name: str) -> str:
+    def _admin(self, statement: str) -> None:
+        """One statement outside a transaction (CREATE/DROP DATABASE refuse to run in one)."""
         con = self.connect()
         try:
             con.autocommit = True
             with con.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{name}"')
+                cur.execute(statement)
         finally:
             con.close()
+
+    def create_database(self, name: str) -> str:
+        self._admin(f'CREATE DATABASE "{name}"')
         return name
 
     def drop_database(self, name: str) -> None:
-        con = self.connect()
-        try:
-            con.autocommit = True
-            with con.cursor() as cur:
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            con.close()
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def dagster_env(self, dbname: str) -> dict[str, str]:
         """The variables deploy/postgres/dagster.yaml reads, pointing at this server and database."""
