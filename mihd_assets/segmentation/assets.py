@@ -358,38 +358,6 @@ def e1_segmentation_metrics(context: AssetExecutionContext, metrics: MetricsStor
 E2_RUNS = seg_key("e2_budget_runs")
 
 
-def _e2_runs(log, plan, base: dict, train_set, test, ids: list[str], device, profile: str):
-    """Every budget x seed fine-tune of E2 and its test scores (the step's compute)."""
-    from .cellpose_api import load_model, segment, train
-    from .scoring import score_masks
-
-    runs, score_frames, drops = [], [], 0
-    total = len(plan.budgets) * len(plan.budget_seeds)
-    for k, (budget, seed) in enumerate(((b, s) for b in plan.budgets for s in plan.budget_seeds), 1):
-        chosen = sorted(np.random.default_rng(seed).permutation(len(train_set.images))[:budget].tolist())
-        subset = train_set.subset(chosen)
-        name = f"budget_{budget}_seed_{seed}"
-        out = store("e2", f"{name}.pt")
-        result = train(base["path"], subset.images, subset.masks, out, n_epochs=plan.n_epochs, learning_rate=plan.learning_rate,
-                       weight_decay=plan.weight_decay, batch_size=plan.batch_size, min_train_masks=plan.min_train_masks,
-                       seed=seed, device=device)
-        scores = score_masks(test.masks, segment(load_model(out, device), test.images, plan.eval), ids)
-        score_frames.append(scores.assign(variant=name, budget=budget, seed=seed))
-        dropped = [subset.records[i]["image_id"] for i in result.dropped]
-        drops += len(dropped)
-        if dropped:
-            log.warning(f"E2 {name}: {len(dropped)} image(s) with < {plan.min_train_masks} masks left out: {dropped}")
-        runs.append({"model": name, "budget": budget, "seed": seed, "images": [subset.records[i]["image_id"] for i in range(budget)],
-                     "sha256": result.sha256, "config": base["config"], "profile": profile, "init_weights": base["weights"],
-                     "weights": f"finetuned_from:{base['weights']}", "n_train_given": result.n_images_given,
-                     "n_train_used": result.n_images_used, "dropped_min_masks": dropped, "min_train_masks": plan.min_train_masks,
-                     "n_epochs": plan.n_epochs, "learning_rate": plan.learning_rate, "final_train_loss": result.train_losses[-1],
-                     "seconds": round(result.seconds, 2)})
-        ap = float(scores[scores["level"] == "total"]["ap50"].iloc[0])
-        log.info(f"E2 {k}/{total}: {name} test AP50 {ap:.3f} ({result.seconds:.0f} s)")
-    return runs, score_frames, drops
-
-
 @asset(
     key=E2_RUNS, deps=[E0_SET, BASELINE], group_name=GROUP, pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="2",
     kinds={"pytorch", "cellpose"}, check_specs=[_weights_spec(E2_RUNS), _drops_spec(E2_RUNS)],
@@ -407,7 +375,10 @@ def e2_budget_runs(context: AssetExecutionContext, compute: ComputeResource, ste
     profile = settings.profile()
 
     def work(log):
-        return _e2_runs(log, plan, base, train_set, test, ids, cs.torch_device(), profile)
+        from .budget import budget_runs
+
+        return budget_runs(log, plan, base, train_set, test, ids, cs.torch_device(), profile,
+                           lambda name: store("e2", f"{name}.pt"))
 
     runs, score_frames, drops = step_executor.run(context, "segmentation", work)
     scores = pd.concat(score_frames, ignore_index=True)

@@ -68,3 +68,27 @@ def test_train_counts_min_train_masks_drops_and_segment_shapes(tmp_path):
                   batch_size=1, min_train_masks=5, seed=0)
     with pytest.raises(ValueError, match=r"expected a channel-first \[3, H, W\]"):
         api.segment(api.load_model(base), [np.zeros((64, 64, 3), np.float32)])
+
+
+def test_budget_runs_fine_tune_each_budget_and_seed_and_score_the_test_set(tmp_path):
+    import logging
+    from dataclasses import replace
+
+    from mihd_assets.segmentation.budget import budget_runs
+    from mihd_assets.segmentation.plan import SegmentationPlan
+    from mihd_assets.segmentation.split import CellposeSet
+
+    base = tmp_path / "base.pt"
+    api.save_random_network(base, api.TINY_CONFIG)
+    train = [_disk_image(n, seed=n) for n in (6, 7, 8)]
+    test = [_disk_image(6, seed=9)]
+    records = lambda d, p: [{"image_id": f"{p}{i}", "marker": "GFAP"} for i in range(len(d))]  # noqa: E731
+    train_set = CellposeSet([d[0] for d in train], [d[1] for d in train], records(train, "tr"))
+    test_set = CellposeSet([d[0] for d in test], [d[1] for d in test], records(test, "te"))
+    plan = replace(SegmentationPlan(), n_epochs=1, learning_rate=1e-3, batch_size=2, budgets=(2, 3), budget_seeds=(0, 1))
+    runs, frames, drops = budget_runs(logging.getLogger("e2"), plan, {"path": str(base), "config": "tiny", "weights": "random"},
+                                      train_set, test_set, ["te0"], "cpu", "demo", lambda name: tmp_path / f"{name}.pt")
+    assert [(r["budget"], r["seed"]) for r in runs] == [(2, 0), (2, 1), (3, 0), (3, 1)] and drops == 0
+    assert all((tmp_path / f"{r['model']}.pt").is_file() for r in runs)
+    assert [len(r["images"]) for r in runs] == [2, 2, 3, 3]
+    assert all(set(f["variant"]) == {r["model"]} and "ap50" in f for f, r in zip(frames, runs))
