@@ -30,10 +30,9 @@ from tests.test_ui import (
     CHROMIUM_ARGS,
     _free_port,
     _skip_community_dialog,
-    _stop_group,
-    _tail,
     _wait_for_server,
 )
+from tests.services.dagster_services import stop_group, tail
 
 pytestmark = [
     pytest.mark.ui,
@@ -224,8 +223,8 @@ def test_ui_materializes_every_family_and_marks_changed_slides_unsynced(ui_home,
             finally:
                 browser.close()
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\nscreenshot {shot}; page errors {page_errors}\nwebserver log:\n{_tail(web_log)}"
-                             f"\ndaemon log:\n{_tail(daemon_log)}") from exc
+        raise AssertionError(f"{exc}\nscreenshot {shot}; page errors {page_errors}\nwebserver log:\n{tail(web_log)}"
+                             f"\ndaemon log:\n{tail(daemon_log)}") from exc
     finally:
-        _stop_group(daemon)
-        _stop_group(web)
+        stop_group(daemon)
+        stop_group(web)
