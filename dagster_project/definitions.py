@@ -26,6 +26,7 @@ from mihd_resources.orchestration import nightly_condition
 from .families import family_definitions
 from .jobs import build_report_job, build_slide_job, observe_slides_job
 from .k8s_jobs import k8s_jobs
+from .maintenance import metrics_prune_job, metrics_prune_schedule
 from .resources import build_resources
 from .sensors import slide_discovery_sensor
 
@@ -52,7 +53,8 @@ defs = Definitions.merge(
     Definitions(
         assets=all_assets,
         jobs=[build_slide_job(slide_pipeline_assets), build_report_job(slide_pipeline_assets), observe_slides_job,
-              *k8s_jobs()],
+              metrics_prune_job, *k8s_jobs()],
+        schedules=[metrics_prune_schedule],
         sensors=[slide_discovery_sensor, nightly_backfill_automation],
         resources=build_resources(),
     ),

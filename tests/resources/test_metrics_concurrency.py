@@ -295,3 +295,24 @@ def test_names_are_reversible_and_safe():
         assert name == "_" or not name.startswith("_")
         assert ms.decode_name(name) == value
     assert ms.encode_name("k" * 300).startswith("_h")
+
+
+def test_weekly_prune_job_deletes_superseded_files_and_keeps_current_rows(tmp_path):
+    from dagster_project.maintenance import metrics_prune_job, metrics_prune_schedule
+
+    database = tmp_path / "m.duckdb"
+    store = _store(database)
+    for write_no in range(3):
+        _write(store, "slide_0", 2, write_no)
+    files = ms.partition_files(store.parquet_dir, "slide_qc", ASSET, "slide_0")
+    run_config = {"ops": {"prune_superseded_metric_files": {"config": {"keep_hours": 0}}}}
+    result = metrics_prune_job.execute_in_process(run_config=run_config, resources={"metrics": store})
+    assert result.success
+    # two superseded slide_qc files and their slide_image_checks twins
+    assert result.output_for_node("prune_superseded_metric_files") == 4
+    assert ms.partition_files(store.parquet_dir, "slide_qc", ASSET, "slide_0") == files[2:]
+    assert ms.read_only_query(database, "SELECT count(*) FROM slide_qc").iloc[0, 0] == 2
+    assert metrics_prune_schedule.job_name == metrics_prune_job.name
+    bad = {"ops": {"prune_superseded_metric_files": {"config": {"keep_hours": -1}}}}
+    assert not metrics_prune_job.execute_in_process(run_config=bad, resources={"metrics": store},
+                                                    raise_on_error=False).success
