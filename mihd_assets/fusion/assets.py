@@ -287,41 +287,61 @@ def clustering_input(values: np.ndarray, kind: str, seed: int = 0) -> tuple[np.n
 
 def run_clustering(method: str, x: np.ndarray, n_clusters: int, resource: ClusteringResource, where: str,
                    log, replicate: int = 0) -> tuple[np.ndarray, str, dict]:
-    """Labels, the method actually used, and extra facts. A missing mclust fails unless the
-    resource explicitly allows the fallback, which is then logged at WARNING."""
-    from .clustering import MclustUnavailable, kmeans_labels, leiden_labels, mclust_labels, validate_for_clustering
+    """Labels, the method actually used, and extra facts, ``n_clusters_requested`` and
+    ``n_clusters_found`` among them. A missing mclust fails unless the resource explicitly
+    allows the fallback, which is then logged at WARNING; so is a result with another number
+    of non-empty clusters than requested (leiden's resolution search missing the count,
+    mclust or k-means leaving clusters empty)."""
+    from .clustering import (
+        MclustUnavailable,
+        cluster_count_facts,
+        kmeans_labels,
+        leiden_labels,
+        mclust_labels,
+        validate_for_clustering,
+    )
 
     validate_for_clustering(x, n_clusters, where)
     seed = resource.seed + replicate
     if method == "mclust":
         try:
-            return mclust_labels(x, n_clusters, resource.mclust_model, seed, where), "mclust", {
+            labels, used, extra = mclust_labels(x, n_clusters, resource.mclust_model, seed, where), "mclust", {
                 "mclust_model": resource.mclust_model, "seed": seed}
         except MclustUnavailable as err:
             if not resource.allow_mclust_fallback:
                 raise
             log.warning(f"{where}: mclust unavailable ({err}); FALLING BACK to {resource.fallback_method} "
                         "because ClusteringResource.allow_mclust_fallback is set")
-            return kmeans_labels(x, n_clusters, seed, where), resource.fallback_method, {
+            labels, used, extra = kmeans_labels(x, n_clusters, seed, where), resource.fallback_method, {
                 "fallback_reason": str(err), "seed": seed}
+        return labels, used, {**extra, **cluster_count_facts(labels, n_clusters, used, where, log)}
     if method == "kmeans":
-        return kmeans_labels(x, n_clusters, seed, where), "kmeans", {"seed": seed}
+        labels = kmeans_labels(x, n_clusters, seed, where)
+        return labels, "kmeans", {"seed": seed, **cluster_count_facts(labels, n_clusters, "kmeans", where, log)}
     if method == "leiden":
-        labels, extra = leiden_labels(x, n_clusters, seed, where=where)
-        return labels, "leiden", {"seed": seed, **extra}
+        labels, extra = leiden_labels(x, n_clusters, seed, where=where, log=log)  # warns itself on a miss
+        found = extra.pop("n_found")
+        return labels, "leiden", {"seed": seed, **extra, "n_clusters_requested": n_clusters, "n_clusters_found": found}
     raise ValueError(f"{where}: unknown clustering method {method!r}; expected one of {MATRIX.clustering_methods}")
 
 
 def _method_check(key: AssetKey) -> AssetCheckSpec:
     return AssetCheckSpec(METHOD_CHECK, asset=key,
-                          description="Fails (WARN) when a configured fallback replaced the requested clustering method.")
+                          description="Fails (WARN) when a configured fallback replaced the requested clustering method, "
+                                      "or when the labels hold another number of non-empty clusters than requested.")
 
 
-def _method_result(key: AssetKey, requested: str, used: str) -> AssetCheckResult:
+def _method_result(key: AssetKey, requested: str, used: str, n_requested: int, n_found: int) -> AssetCheckResult:
+    problems = []
+    if requested != used:
+        problems.append(f"requested {requested}, ran {used} (fallback)")
+    if n_found != n_requested:
+        problems.append(f"{n_found} non-empty clusters found, {n_requested} requested")
     return AssetCheckResult(
-        check_name=METHOD_CHECK, asset_key=key, passed=requested == used, severity=AssetCheckSeverity.WARN,
-        description=None if requested == used else f"requested {requested}, ran {used} (fallback)",
-        metadata={"requested": requested, "used": used},
+        check_name=METHOD_CHECK, asset_key=key, passed=not problems, severity=AssetCheckSeverity.WARN,
+        description="; ".join(problems) or None,
+        metadata={"requested": requested, "used": used, "n_clusters_requested": n_requested,
+                  "n_clusters_found": n_found},
     )
 
 
@@ -366,7 +386,7 @@ def _clustering_factory(representation: str, upstream: AssetKey, kind: str, meth
             "replicate": replicate, **extra,
         }
         yield Output(SpotLabels(list(embedding.obs_names), labels, refined, record), metadata=_as_metadata(record))
-        yield _method_result(key, method, used)
+        yield _method_result(key, method, used, record["n_clusters_requested"], record["n_clusters_found"])
 
     return _asset
 
@@ -487,6 +507,7 @@ def metrics_key(clustering: AssetKey) -> AssetKey:
 
 def clustering_metric_rows(slide_id: str, raw, stored) -> tuple[list[dict], bool]:
     """DuckDB rows of one clustering of one slide (raw and refined), and whether truth labels exist."""
+    from .clustering import clusters_found
     from .metrics import agreement, chaos, pas
 
     has_truth = bool("truth" in raw.obs and raw.obs["truth"].notna().any())
@@ -499,6 +520,8 @@ def clustering_metric_rows(slide_id: str, raw, stored) -> tuple[list[dict], bool
             "clustering_method": info["clustering_method"],
             "clustering_method_used": info["clustering_method_used"],
             "refinement": refinement, "n_clusters": info["n_clusters"],
+            "n_clusters_requested": info["n_clusters"],
+            "n_clusters_found": clusters_found(values),  # of this row's labels (raw or refined)
             "n_clusters_source": info["n_clusters_source"], "n_spots": len(stored.obs_names),
             "chaos": chaos(values, coords), "pas": pas(values, coords),
             "weights": info.get("weights"), "profile": info.get("profile"),

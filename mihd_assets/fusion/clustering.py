@@ -7,7 +7,11 @@ many rows as clusters; errors name the shape): otherwise mclust fails from insid
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+_log = logging.getLogger(__name__)
 
 
 class ClusteringInputError(ValueError):
@@ -139,10 +143,32 @@ def kmeans_labels(values: np.ndarray, n_clusters: int, seed: int = 0, where: str
     return KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(x).astype(np.int64)
 
 
+def clusters_found(labels: np.ndarray) -> int:
+    """How many clusters hold at least one spot."""
+    return int(np.unique(np.asarray(labels)).size)
+
+
+def cluster_count_facts(labels: np.ndarray, requested: int, method: str, where: str, log=None) -> dict:
+    """``n_clusters_requested`` and ``n_clusters_found`` of one clustering; a WARNING when they differ.
+
+    mclust can leave mixture components without a spot, and k-means can leave a centroid
+    without one on duplicated points: the labels then hold fewer clusters than asked for."""
+    found = clusters_found(labels)
+    if found != requested:
+        (log or _log).warning(f"{where}: {method} returned {found} non-empty clusters, {requested} were requested; "
+                              "n_clusters_found is recorded and the clustering_method_as_requested check fails")
+    return {"n_clusters_requested": int(requested), "n_clusters_found": found}
+
+
 def leiden_labels(values: np.ndarray, n_clusters: int, seed: int = 0, n_neighbors: int = 15,
-                  where: str = "leiden") -> tuple[np.ndarray, dict]:
+                  where: str = "leiden", log=None) -> tuple[np.ndarray, dict]:
     """Leiden on the k-NN graph of the embedding, resolution bisected until it yields
-    ``n_clusters`` communities (the usual way to compare it with fixed-K methods)."""
+    ``n_clusters`` communities (the usual way to compare it with fixed-K methods).
+
+    When 40 bisection steps find no resolution giving exactly ``n_clusters``, the partition
+    closest to it is returned, a WARNING is logged (``log``, else this module's logger), and
+    ``info`` says so: ``n_found`` (the clusters it has) and ``resolution_search`` =
+    ``"closest"`` (``"exact"`` when the count was hit)."""
     import igraph as ig
     import leidenalg
     from sklearn.neighbors import kneighbors_graph
@@ -161,18 +187,24 @@ def leiden_labels(values: np.ndarray, n_clusters: int, seed: int = 0, n_neighbor
     low, high = 0.01, 5.0
     best, best_res = run(1.0), 1.0
     for _ in range(40):
+        if clusters_found(best) == n_clusters:
+            break
         mid = (low + high) / 2
         labels = run(mid)
-        found = int(labels.max()) + 1
-        if abs(found - n_clusters) < abs(int(best.max()) + 1 - n_clusters):
+        found = clusters_found(labels)
+        if abs(found - n_clusters) < abs(clusters_found(best) - n_clusters):
             best, best_res = labels, mid
-        if found == n_clusters:
-            break
         if found < n_clusters:
             low = mid
         else:
             high = mid
-    return best, {"resolution": round(best_res, 5), "n_found": int(best.max()) + 1}
+    found = clusters_found(best)
+    if found != n_clusters:
+        (log or _log).warning(
+            f"{where}: leiden's resolution search (0.01 to 5.0, 40 bisections) found no partition with "
+            f"{n_clusters} clusters; using the closest, {found} clusters at resolution {best_res:.5f}")
+    return best, {"resolution": round(best_res, 5), "n_found": found,
+                  "resolution_search": "exact" if found == n_clusters else "closest"}
 
 
 def refine_labels(labels: np.ndarray, coords: np.ndarray, k: int = 15) -> np.ndarray:

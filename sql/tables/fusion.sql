@@ -1,6 +1,8 @@
 -- Fusion / clustering family: one row per slide x clustering (every matrix dimension) x
 -- refinement. `clustering_method_used` differs from `clustering_method` only when a
--- configured fallback ran (never silently).
+-- configured fallback ran (never silently); `n_clusters_found` differs from
+-- `n_clusters_requested` when the method left clusters empty or leiden's resolution search
+-- missed the count (raw rows), or the majority vote emptied clusters (refined rows).
 CREATE TABLE IF NOT EXISTS clustering_metrics (
     asset_key               VARCHAR NOT NULL,
     partition_key           VARCHAR NOT NULL,
@@ -16,7 +18,7 @@ CREATE TABLE IF NOT EXISTS clustering_metrics (
     clustering_method       VARCHAR NOT NULL,   -- requested
     clustering_method_used  VARCHAR NOT NULL,   -- what ran
     refinement              VARCHAR NOT NULL,   -- none | majority_k<k>
-    n_clusters              INTEGER,
+    n_clusters              INTEGER,            -- requested (as n_clusters_requested; kept for older queries)
     n_clusters_source       VARCHAR,
     n_spots                 INTEGER,
     n_labelled              INTEGER,
@@ -30,8 +32,13 @@ CREATE TABLE IF NOT EXISTS clustering_metrics (
     weights                 VARCHAR,            -- random when any upstream encoder ran with random weights
     profile                 VARCHAR,
     replicate               INTEGER,            -- 0 = each method's default seed; r = default seed + r
-    seed                    BIGINT              -- the clustering's seed (trained fusions: see their metadata)
+    seed                    BIGINT,             -- the clustering's seed (trained fusions: see their metadata)
+    n_clusters_requested    INTEGER,            -- clusters asked of the method
+    n_clusters_found        INTEGER             -- non-empty clusters in this row's labels (raw or refined)
 );
 -- Databases written before replicates were a matrix dimension.
 ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS replicate INTEGER;
 ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS seed BIGINT;
+-- Databases written before found cluster counts were recorded (their rows read NULL).
+ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS n_clusters_requested INTEGER;
+ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS n_clusters_found INTEGER;

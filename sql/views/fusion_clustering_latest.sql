@@ -18,7 +18,8 @@ SELECT slide_id, representation, kind, fusion_method, gene_encoder, vision, clus
        avg(chaos)            AS mean_chaos,
        avg(pas)              AS mean_pas,
        bool_or(clustering_method_used <> clustering_method) AS any_fallback,
-       bool_or(weights = 'random') AS any_random_weights
+       bool_or(weights = 'random') AS any_random_weights,
+       bool_or(n_clusters_found <> n_clusters_requested) AS any_n_clusters_mismatch  -- NULL: rows predate the counts
 FROM clustering_latest
 WHERE metrics_status = 'ok'
 GROUP BY ALL;

@@ -13,7 +13,8 @@ SELECT representation, kind, fusion_method, gene_encoder, vision, clustering_met
        avg(mean_chaos)          AS mean_chaos,
        avg(mean_pas)            AS mean_pas,
        bool_or(any_fallback)    AS any_fallback,
-       bool_or(any_random_weights) AS any_random_weights
+       bool_or(any_random_weights) AS any_random_weights,
+       bool_or(any_n_clusters_mismatch) AS any_n_clusters_mismatch
 FROM clustering_over_seeds
 GROUP BY ALL
 ORDER BY mean_ari DESC;

@@ -1,0 +1,162 @@
+"""No quiet fallbacks: a clustering with another cluster count than requested, a GPU step run
+on CPU, a collapsed SCAN head and a clamped STAIG pseudo-label k are each logged at WARNING,
+recorded in metadata and in the DuckDB rows, and fail their WARN asset check."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import anndata as ad
+import duckdb
+import numpy as np
+import pytest
+from dagster import DagsterInstance, build_asset_context, materialize
+from dagster_duckdb import DuckDBResource
+
+from mihd_assets.embeddings import assets as emb
+from mihd_assets.fusion import assets as fa
+from mihd_assets.fusion import clustering as cl
+from mihd_assets.fusion.store import SpotLabels
+from mihd_assets.slides import assets as slides
+from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
+from mihd_resources.clustering import ClusteringResource
+from mihd_resources.embedding_io_manager import EmbeddingIOManager
+from mihd_resources.labels_io_manager import LabelsIOManager
+from mihd_resources.step_executor import StepExecutor
+from mihd_resources.weights import ModelWeightsResource
+
+GENE_PCA = next(a for a in emb.gene_embeddings if a.key == emb.gene_key("pca"))
+
+
+def separated_blobs(n_blobs: int, n: int, d: int = 4, seed: int = 0) -> np.ndarray:
+    """``n`` spots in ``n_blobs`` tight, far-apart groups of (nearly) equal size: with fewer
+    neighbours per spot than a group has spots, the k-NN graph has one component per group,
+    and Leiden never merges components."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=100.0, size=(n_blobs, d))
+    return centers[np.arange(n) % n_blobs] + rng.normal(scale=0.1, size=(n, d))
+
+
+@pytest.fixture
+def env(tiny_slides, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIHD_PROFILE", "demo")
+    root = tmp_path / "root"
+    shutil.copytree(tiny_slides / "demo_01", root / "demo_01")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("slides", ["demo_01"])
+    store = tmp_path / "store"
+    resources = {
+        "storage": StorageResource(slides_root=str(root)),
+        "anndata_io_manager": AnnDataIOManager(base_dir=str(store)),
+        "embedding_io_manager": EmbeddingIOManager(base_dir=str(store)),
+        "labels_io_manager": LabelsIOManager(base_dir=str(store)),
+        "compute": ComputeResource(device="cpu", num_workers=0),
+        "step_executor": StepExecutor(),
+        "metrics": MetricsStore(duckdb=DuckDBResource(database=str(tmp_path / "m.duckdb"))),
+        "clustering": ClusteringResource(),
+        "weights": ModelWeightsResource(allow_random=True),
+    }
+    assert materialize([slides.raw_slide], partition_key="demo_01", instance=instance, resources=resources).success
+    raw = ad.read_h5ad(store / "slides" / "raw_slide" / "demo_01.h5ad")
+    return instance, resources, store, raw, tmp_path / "m.duckdb"
+
+
+def _write_gene_pca(store, values, obs_names) -> None:
+    path = store / "embeddings" / "gene_pca" / "demo_01.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, values=values, obs_names=np.asarray(obs_names, dtype=str), info_json=np.asarray("{}"))
+
+
+def _clustering(name: str):
+    return next(a for a in fa.clusterings if a.key.path[-1] == name)
+
+
+def _metrics_of(key):
+    return next(a for a in fa.clustering_metrics if a.key == fa.metrics_key(key))
+
+
+def _warnings(instance, run_id: str) -> list[str]:
+    return [e.user_message for e in instance.all_logs(run_id) if e.level >= logging.WARNING]
+
+
+def _score(env, key, name: str) -> list[tuple]:
+    """The clustering's metrics asset on its stored labels; its DuckDB rows (requested, found)."""
+    instance, resources, store, raw, database = env
+    stored = SpotLabels.load(store / "clustering" / name / "demo_01.npz")
+    with build_asset_context(partition_key="demo_01", resources={"metrics": resources["metrics"]},
+                             instance=instance) as context:
+        _metrics_of(key)(context, labels=stored, raw=raw)
+    with duckdb.connect(str(database), read_only=True) as con:
+        return con.execute(
+            "SELECT refinement, n_clusters, n_clusters_requested, n_clusters_found FROM clustering_metrics "
+            "WHERE representation = 'gene_pca' ORDER BY refinement").fetchall()
+
+
+# ---------------------------------------------------------------- 1. cluster count not reached
+
+def test_leiden_that_misses_the_cluster_count_warns_and_says_so(caplog):
+    x = separated_blobs(n_blobs=3, n=60)  # 15 neighbours stay inside a group of 20: 3 components
+    with caplog.at_level(logging.WARNING, logger=cl.__name__):
+        labels, info = cl.leiden_labels(x, 2, seed=0, where="slide 's1' gene_pca__leiden")
+    assert cl.clusters_found(labels) == 3
+    assert info["n_found"] == 3 and info["resolution_search"] == "closest"
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "slide 's1' gene_pca__leiden" in record.getMessage() and "closest, 3 clusters" in record.getMessage()
+
+
+def test_leiden_cluster_count_miss_is_in_metadata_duckdb_and_fails_the_method_check(env):
+    instance, resources, store, raw, _ = env
+    n_blobs = raw.n_obs // 16  # groups of >= 16 spots: the 15-NN graph does not join them
+    requested = fa.cluster_count("demo_01", raw.obs["truth"])[0]
+    assert n_blobs > requested, (raw.n_obs, requested)
+    values = separated_blobs(n_blobs, raw.n_obs)
+    _write_gene_pca(store, values, raw.obs_names)
+    asset = _clustering("gene_pca__leiden")
+    result = materialize([slides.raw_slide, *slides.preprocessed_slides, GENE_PCA, asset], partition_key="demo_01",
+                         instance=instance, resources=resources, selection=[asset.key])
+    assert result.success
+    (check,) = result.get_asset_check_evaluations()
+    assert check.check_name == fa.METHOD_CHECK and not check.passed
+    assert check.severity.value == "WARN"
+    assert f"{n_blobs} non-empty clusters found, {requested} requested" in check.description
+    meta = result.asset_materializations_for_node(asset.node_def.name)[0].metadata
+    assert meta["n_clusters_requested"].value == requested and meta["n_clusters_found"].value == n_blobs
+    assert meta["resolution_search"].value == "closest"
+    assert any("found no partition with" in m for m in _warnings(instance, result.run_id))
+    rows = _score(env, asset.key, "gene_pca__leiden")
+    raw_row = next(r for r in rows if r[0] == "none")
+    assert raw_row[1:] == (requested, requested, n_blobs)
+
+
+def test_mclust_with_an_empty_component_is_flagged(env, monkeypatch):
+    instance, resources, store, raw, _ = env
+    _write_gene_pca(store, np.random.default_rng(0).normal(size=(raw.n_obs, 6)), raw.obs_names)
+    requested = fa.cluster_count("demo_01", raw.obs["truth"])[0]
+
+    def mclust_leaving_one_component_empty(values, n_clusters, *args, **kwargs):
+        # what Mclust's MAP classification gives when a component wins no spot
+        return np.arange(values.shape[0]) % (n_clusters - 1)
+
+    monkeypatch.setattr(cl, "mclust_labels", mclust_leaving_one_component_empty)
+    asset = _clustering("gene_pca__mclust")
+    result = materialize([slides.raw_slide, *slides.preprocessed_slides, GENE_PCA, asset], partition_key="demo_01",
+                         instance=instance, resources=resources, selection=[asset.key])
+    assert result.success
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and check.metadata["n_clusters_found"].value == requested - 1
+    assert any(f"mclust returned {requested - 1} non-empty clusters, {requested} were requested" in m
+               for m in _warnings(instance, result.run_id))
+    rows = _score(env, asset.key, "gene_pca__mclust")
+    assert next(r for r in rows if r[0] == "none")[2:] == (requested, requested - 1)
+
+
+def test_kmeans_that_reaches_the_count_passes_the_method_check(env):
+    instance, resources, store, raw, _ = env
+    _write_gene_pca(store, np.random.default_rng(0).normal(size=(raw.n_obs, 6)), raw.obs_names)
+    asset = _clustering("gene_pca__kmeans")
+    result = materialize([slides.raw_slide, *slides.preprocessed_slides, GENE_PCA, asset], partition_key="demo_01",
+                         instance=instance, resources=resources, selection=[asset.key])
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed and check.description is None
+    assert check.metadata["n_clusters_found"].value == check.metadata["n_clusters_requested"].value
