@@ -81,23 +81,57 @@ def test_materialize_writes_checkpoint_evaluation_and_duckdb(geometry_home, monk
     assert {"gen_align", "score", "total"} <= set(ck_meta["losses"].value)
     saved = read_checkpoint(root / "storage" / "geometry" / CHECKPOINT)
     assert saved["encoder"]["kind"] == "shared_pca" and len(saved["encoder"]["genes"]) > 10
-    checks = {c.check_name for c in result.get_asset_check_evaluations()}
-    assert checks == {geo.BEATS_BASELINES, geo.REFINED_NOT_WORSE, geo.LOW_SIGMA_SCALE}
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert set(checks) == {geo.BEATS_BASELINES, geo.REFINED_NOT_WORSE, geo.LOW_SIGMA_SCALE}
 
     with duckdb.connect(str(root / "mihd.duckdb"), read_only=True) as con:
         methods = {r[0] for r in con.execute("SELECT DISTINCT method FROM geometry_metrics").fetchall()}
         assert methods == {"generator", "refined", "full_sampler", "denoiser", "random", "expression_spectral"}
         bins = con.execute("SELECT sigma_bin FROM geometry_scale_by_sigma ORDER BY sigma_lo").fetchall()
         assert [b[0] for b in bins] == ["[0.00,0.10)", "[0.10,0.30)", "[0.30,0.50)", "[0.50,1.00)", "[1.00,inf)"]
-        rows = con.execute("SELECT slide_id, knn_jaccard, trustworthiness, n_sets FROM geometry_methods_latest").fetchall()
-        assert {r[0] for r in rows} == {"demo_03"} and all(0 <= r[1] <= 1 and r[3] == 4 for r in rows)
+        rows = con.execute("SELECT slide_id, method, knn_jaccard, n_sets FROM geometry_methods_latest").fetchall()
+        stored = dict(con.execute("SELECT method, knn_jaccard FROM geometry_metrics WHERE sigma_bin = '' "
+                                  "AND slide_id = 'demo_03'").fetchall())
+        low_scale = con.execute("SELECT scale_ratio FROM geometry_metrics WHERE method = 'denoiser' AND sigma_hi <= 0.1 "
+                                "AND slide_id = 'demo_03'").fetchall()
+        assert {r[0] for r in rows} == {"demo_03"} and all(r[3] == 4 for r in rows)
+        # The view's rounded Jaccard is the stored one, and it is sorted best first.
+        assert [r[2] for r in rows] == sorted((round(stored[r[1]], 4) for r in rows), reverse=True)
         run = con.execute("SELECT step, resumed_from_step, device, size FROM geometry_training_runs").fetchall()
         assert run == [(20, 0, "cpu", "tiny")]
+    # The checks judge the same numbers that reached DuckDB, with their stated rules.
+    assert checks[geo.BEATS_BASELINES].metadata["knn_jaccard"].value == {
+        "demo_03": {m: round(stored[m], 4) for m in ("generator", "refined", "random", "expression_spectral")}}
+    assert checks[geo.BEATS_BASELINES].passed == (stored["generator"] > max(stored["random"], stored["expression_spectral"]))
+    assert checks[geo.REFINED_NOT_WORSE].passed == (stored["refined"] >= stored["generator"])
+    assert len(low_scale) == 1 and checks[geo.LOW_SIGMA_SCALE].passed == (0.8 <= low_scale[0][0] <= 1.25)
 
     # More steps: the next materialization continues from the stored checkpoint.
     again = _materialize(geometry_home, 30, monkeypatch, selection=[geo.CHECKPOINT_KEY])
     meta = again.asset_materializations_for_node("geometry__geometry_checkpoint")[0].metadata
     assert meta["resumed_from_step"].value == 20 and meta["step"].value == 30
+
+
+def test_evaluation_checks_pass_for_a_winning_checkpoint_and_fail_for_a_losing_one(geometry_home, monkeypatch):
+    """The evaluation asset attaches the checks computed from its frame: the metrics are
+    crafted (``evaluate`` returns a known frame) so the right outcome is known."""
+    from mihd_assets.geometry import evaluate as geo_evaluate
+
+    from .test_evaluation_checks import evaluation_frame, scores
+
+    root, instance, resources = geometry_home
+    if not (root / "storage" / "geometry" / CHECKPOINT).exists():  # this test run alone
+        assert _materialize(geometry_home, 10, monkeypatch, selection=[geo.TRAINING_SET_KEY, geo.CHECKPOINT_KEY]).success
+    monkeypatch.setenv("MIHD_PROFILE", "demo")
+    winning = evaluation_frame({"demo_03": scores(0.40, 0.41, 0.05, 0.25)}, {"demo_03": 1.05})
+    losing = evaluation_frame({"demo_03": scores(0.20, 0.15, 0.05, 0.25)}, {"demo_03": 1.6})
+    for frame, passed in ((winning, True), (losing, False)):
+        monkeypatch.setattr(geo_evaluate, "evaluate", lambda *args, frame=frame, **kwargs: frame.copy())
+        result = materialize([raw_slide, *GEOMETRY_ASSETS], selection=[geo.EVALUATION_KEY], resources=resources,
+                             instance=instance)
+        assert result.success
+        checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+        assert checks == {geo.BEATS_BASELINES: passed, geo.REFINED_NOT_WORSE: passed, geo.LOW_SIGMA_SCALE: passed}
 
 
 def test_per_slide_gene_encoders_are_refused():
