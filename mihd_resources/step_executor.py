@@ -6,7 +6,12 @@ argument, a logger (``info``/``warning``), that returns a picklable value. With
 as a batch job through Dagster Pipes:
 
 - the function and everything it closes over are serialised with ``cloudpickle`` into a
-  folder on the shared filesystem (``slurm.work_dir``), next to the Pipes context file;
+  folder on the shared filesystem (``slurm.work_dir``), next to the Pipes context file. Loading
+  a pickle runs code, so the job's folder ``<work_dir>/<run id>/<step>`` and its run folder are
+  created mode 0700 (an existing one must be owned by this user, and is set to 0700), the call
+  file is written mode 0600, and both the worker (call file) and the step (result file) refuse
+  a file that is not owned by the user running them or that group or others can write
+  (:func:`mihd_resources.slurm_worker.read_private_file`);
 - ``sbatch`` submits a job that runs ``python -m mihd_resources.slurm_worker`` with the
   step's own interpreter; the worker opens ``dagster_pipes`` (file context loader and file
   message writer on the shared filesystem), calls the function with the Pipes logger, and
@@ -31,6 +36,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -43,6 +49,7 @@ from dagster import ConfigurableResource, Failure, MetadataValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .orchestration import GPU_FAMILIES
+from .slurm_worker import read_private_file, write_private_file
 
 T = TypeVar("T")
 
@@ -179,6 +186,26 @@ class _Job:
         return None if out.returncode == 0 else (out.stderr or out.stdout).strip() or f"exit code {out.returncode}"
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only its owner can enter, list or write (mode 0700).
+
+    Created with that mode (the umask cannot widen it); an existing folder must be a real
+    folder owned by this user, and is set to 0700. A folder of another user, or a symlink, is
+    refused: the step writes a pickle there that the job loads, and loading a pickle runs code."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise Failure(f"Slurm work folder {path} is not a folder ({stat.filemode(st.st_mode)}); refusing to use it")
+    if st.st_uid != os.geteuid():
+        raise Failure(f"Slurm work folder {path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}); "
+                      "refusing to write a step's call file there")
+    os.chmod(path, 0o700)
+    return path
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     if not path.is_file():
         return "(no stderr file)"
@@ -247,20 +274,20 @@ class StepExecutor(ConfigurableResource):
         self._preflight(env)
         step = re.sub(r"[^A-Za-z0-9_.-]+", "_", context.op.name)
         partition = context.partition_key if context.has_partition_key else ""
-        folder = Path(settings.work_dir) / context.run_id / (step + (f"__{partition}" if partition else ""))
-        folder.mkdir(parents=True, exist_ok=True)
+        work_dir = Path(settings.work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        run_folder = private_dir(work_dir / context.run_id)
+        folder = private_dir(run_folder / (step + (f"__{partition}" if partition else "")))
         call, result, stdout, stderr = (folder / n for n in ("call.pkl", "result.pkl", "stdout.log", "stderr.log"))
         for stale in (result, stdout, stderr):
             stale.unlink(missing_ok=True)
-        tmp = call.with_suffix(".tmp")
-        tmp.write_bytes(cloudpickle.dumps(fn))
-        os.replace(tmp, call)
+        write_private_file(call, cloudpickle.dumps(fn))
 
         script = folder / "job.sh"
         lines = ["#!/bin/bash", "set -e", *spec.setup,
                  f"exec {shlex.quote(settings.python)} -m mihd_resources.slurm_worker "
                  f"{shlex.quote(str(call))} {shlex.quote(str(result))}"]
-        script.write_text("\n".join(lines) + "\n")
+        write_private_file(script, ("\n".join(lines) + "\n").encode(), mode=0o700)
         job_name = f"mihd-{step}" + (f"-{partition}" if partition else "")
 
         with open_pipes_session(
@@ -295,7 +322,7 @@ class StepExecutor(ConfigurableResource):
         if not result.is_file():
             raise Failure(f"Slurm job {job.job_id} for {context.op.name} completed but wrote no result at {result}\n"
                           f"stderr tail:\n{_tail(stderr)}", metadata=meta)
-        value = cloudpickle.loads(result.read_bytes())
+        value = cloudpickle.loads(read_private_file(result))
         context.log.info(f"{context.op.name}: Slurm job {job.job_id} COMPLETED on {meta['slurm_node']} "
                          f"in {meta['slurm_elapsed']}")
         return value, {**meta, "slurm_folder": MetadataValue.path(str(folder))}

@@ -7,12 +7,20 @@ steps, so a killed run leaves the last complete checkpoint; a new run with the s
 configs and training set continues from it and, every draw coming from the saved
 generator, ends where an uninterrupted run would have. A non-finite loss stops training
 with an error and writes nothing, so the file on disk stays the last good checkpoint.
+
+The file holds tensors and plain values only (str, int, float, bool, None in dicts, lists and
+tuples; numpy arrays are stored as tensors, string arrays as lists), tagged with
+``CHECKPOINT_FORMAT``, and is read with ``torch.load(weights_only=True)``: reading a
+checkpoint never runs code named in the file. A file that needs more than that to load (a
+crafted pickle, or a checkpoint written before this format) is refused, never loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import pickle
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +47,14 @@ class NonFiniteLossError(FloatingPointError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model it is loaded into; the message names the keys."""
+
+
+class CheckpointFormatError(CheckpointMismatchError):
+    """A file that is not a weights-only geometry checkpoint of ``CHECKPOINT_FORMAT``; it was not loaded."""
+
+
+# Written into every checkpoint; a file without it (an older format) is refused.
+CHECKPOINT_FORMAT = "mihd-geometry-checkpoint-weights-only-1"
 
 
 # What the losses are; a checkpoint trained under another objective is never resumed.
@@ -165,16 +181,75 @@ def _compatible(saved: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, fin
     return None
 
 
+def weights_only_value(value, where: str = "checkpoint"):
+    """``value`` made of what ``torch.load(weights_only=True)`` reads: tensors, and str, int,
+    float, bool and None in dicts, lists and tuples. Numeric numpy arrays become tensors,
+    string arrays lists of str, numpy scalars and 0-d arrays python numbers. Anything else is a
+    TypeError naming the field (``where``), raised before any file is written."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        if value.ndim == 0 and value.dtype.kind in "biufUS":
+            return value.item()
+        if value.dtype.kind in "biuf":
+            return torch.from_numpy(np.array(value, copy=True))
+        if value.dtype.kind in "US":
+            return [str(v) for v in value.tolist()]
+        raise TypeError(f"geometry checkpoint field {where}: numpy array of dtype {value.dtype} cannot be stored")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"geometry checkpoint field {where}: key {key!r} ({type(key).__name__}) is not str or int")
+            out[key] = weights_only_value(item, f"{where}.{key}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return type(value)(weights_only_value(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise TypeError(
+        f"geometry checkpoint field {where}: {type(value).__module__}.{type(value).__name__} cannot be stored "
+        "(a checkpoint holds tensors, numbers, strings, None, lists, tuples and dicts only)"
+    )
+
+
 def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` (tagged with ``CHECKPOINT_FORMAT``) atomically; it loads with ``weights_only=True``."""
+    safe = {**weights_only_value(payload), "format": CHECKPOINT_FORMAT}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        torch.save(safe, tmp)
+
+
+_UNPICKLER_REASON = re.compile(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+|WeightsUnpickler error: [^\n]*)")
 
 
 def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint at ``path``, read with ``weights_only=True``.
+
+    A file that holds anything but tensors and plain values (a crafted pickle, or a checkpoint
+    of an older format, which held numpy objects) is refused with :class:`CheckpointFormatError`;
+    it is never loaded with ``weights_only=False``."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _UNPICKLER_REASON.search(str(exc))
+        raise CheckpointFormatError(
+            f"geometry checkpoint {path} refused: it is not a weights-only checkpoint "
+            f"({found.group(1) if found else 'not a torch weights-only file'}); loading it would run code "
+            f"named in the file. Checkpoints written before format {CHECKPOINT_FORMAT!r} are refused the same "
+            "way: rematerialize geometry/geometry_checkpoint with run config `restart: true`"
+        ) from None
     except Exception as exc:  # re-raised with the file named: torch's own message does not say which
         raise CheckpointMismatchError(f"cannot read geometry checkpoint {path}: {exc}") from exc
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        found = saved.get("format") if isinstance(saved, dict) else f"a {type(saved).__name__}, not a dict"
+        raise CheckpointFormatError(
+            f"geometry checkpoint {path} has format {found!r}, not {CHECKPOINT_FORMAT!r} (written by an older "
+            "version): rematerialize geometry/geometry_checkpoint with run config `restart: true`"
+        )
+    return saved
 
 
 def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
