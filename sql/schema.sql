@@ -97,5 +97,14 @@ CREATE TABLE IF NOT EXISTS embedding_runs (
     device             VARCHAR,
     seconds            DOUBLE,
     patches_per_second DOUBLE,
-    n_padded           INTEGER
+    n_padded           INTEGER,
+    -- GPU steps (NULL for PCA): compute.device (auto / cuda / cpu), the device the step ran
+    -- on (cuda / cpu), and what configured a GPU for it ('' when nothing did)
+    device_requested   VARCHAR,
+    device_used        VARCHAR,
+    gpu_expected_by    VARCHAR
 );
+-- Databases written before the device columns existed (their rows read NULL).
+ALTER TABLE embedding_runs ADD COLUMN IF NOT EXISTS device_requested VARCHAR;
+ALTER TABLE embedding_runs ADD COLUMN IF NOT EXISTS device_used VARCHAR;
+ALTER TABLE embedding_runs ADD COLUMN IF NOT EXISTS gpu_expected_by VARCHAR;

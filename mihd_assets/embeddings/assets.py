@@ -28,6 +28,7 @@ from mihd_resources.orchestration import slides_partitions
 from mihd_assets.matrix import MATRIX
 from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key, require_tissue_check
 from mihd_resources import ComputeResource, MetricsStore, settings
+from mihd_resources.compute import device_check_result, device_check_spec
 from mihd_resources.step_executor import StepExecutor
 from mihd_resources.weights import ModelWeightsResource
 
@@ -81,7 +82,7 @@ def _vision_factory(encoder: str, variant: str):
         op_tags=gpu_op_tags(),
         code_version="1",
         kinds={"pytorch", "timm"},
-        check_specs=[_weights_spec(key)],
+        check_specs=[_weights_spec(key), device_check_spec(key)],
         description=(
             f"Raw `{encoder}` (timm) embeddings of H&E patches around each spot, `{variant}` patch "
             "variant, read lazily from the slide's highest-resolution image with coordinates scaled by "
@@ -134,7 +135,8 @@ def _vision_factory(encoder: str, variant: str):
             }
             return result, record
 
-        result, record = step_executor.run(context, "embeddings", work)
+        (result, record), device = compute.run(context, step_executor, "embeddings", work)
+        record = {**record, **device}
         yield Output(
             SpotEmbedding(result.embeddings, list(raw.obs_names), record),
             metadata={
@@ -143,6 +145,7 @@ def _vision_factory(encoder: str, variant: str):
             },
         )
         yield _weights_check(key, record)
+        yield device_check_result(key, device)
 
     return _asset
 
@@ -161,7 +164,7 @@ def _gene_factory(encoder: str):
         # PCA's output width is part of its code version (30 PCs since the fusion matrix).
         code_version=f"3-{MATRIX.pca_components}pc" if encoder == "pca" else "1",
         kinds={"pytorch"} if encoder != "pca" else {"scikitlearn"},
-        check_specs=[_weights_spec(key)],
+        check_specs=[_weights_spec(key)] + ([device_check_spec(key)] if encoder != "pca" else []),
         description=(
             f"Raw `{encoder}` gene-expression embedding of each spot from "
             f"`preprocessed_slide_{MATRIX.gene_preset}`; stored before any normalization."
@@ -175,6 +178,7 @@ def _gene_factory(encoder: str):
         slide_id = context.partition_key
         demo = settings.profile() == "demo"
         cs = compute.settings()
+        device = None  # the GPU steps' device facts (compute.run); PCA runs in the step process on CPU
         if encoder == "pca":  # CPU, in the step process
             values, info = pca_embedding(pre, n_components=MATRIX.pca_components)
             info["weights"] = "none (fitted per slide)"
@@ -190,7 +194,7 @@ def _gene_factory(encoder: str):
                 info.pop("loss_history", None)
                 return values, {**info, "weights": "none (trained per slide)", "device": str(device)}
 
-            values, info = step_executor.run(context, "embeddings", work)
+            (values, info), device = compute.run(context, step_executor, "embeddings", work)
         else:
             model_dir = weights.path_for("scgpt")
             random = model_dir is None and weights.allow_random
@@ -210,8 +214,9 @@ def _gene_factory(encoder: str):
                                                    amp=cs.use_amp())
                 return values, {**info, "device": str(device)}
 
-            values, info = step_executor.run(context, "embeddings", work)
-        record = {**info, "encoder": encoder, "modality": "gene", "variant": "", "profile": settings.profile()}
+            (values, info), device = compute.run(context, step_executor, "embeddings", work)
+        record = {**info, **(device or {}), "encoder": encoder, "modality": "gene", "variant": "",
+                  "profile": settings.profile()}
         yield Output(
             SpotEmbedding(values, list(pre.obs_names), record),
             metadata={
@@ -220,6 +225,8 @@ def _gene_factory(encoder: str):
             },
         )
         yield _weights_check(key, record)
+        if device is not None:
+            yield device_check_result(key, device)
 
     return _asset
 
@@ -241,7 +248,8 @@ ALL_EMBEDDING_KEYS = [gene_key(e) for e in MATRIX.gene_encoders] + [
 )
 def embedding_runs_metrics(context: AssetExecutionContext, metrics: MetricsStore, **embeddings) -> MaterializeResult:
     """One DuckDB `embedding_runs` row per embedding of this slide: modality, encoder,
-    variant, dims, weights source, device, seconds, patches/s (read from the stored files)."""
+    variant, dims, weights source, device (and, for GPU steps, the device requested, used and
+    what expected a GPU), seconds, patches/s (read from the stored files)."""
     rows = []
     for emb in embeddings.values():
         info = emb.info
@@ -256,6 +264,10 @@ def embedding_runs_metrics(context: AssetExecutionContext, metrics: MetricsStore
             "dims": int(emb.values.shape[1]),
             "weights": str(info.get("weights")),
             "device": info.get("device"),
+            # GPU steps only (NULL for PCA and for embeddings stored before these were recorded)
+            "device_requested": info.get("device_requested"),
+            "device_used": info.get("device_used"),
+            "gpu_expected_by": info.get("gpu_expected_by"),
             "seconds": float(info.get("seconds") or 0.0),
             "patches_per_second": info.get("patches_per_second"),
             "n_padded": info.get("n_padded"),

@@ -33,6 +33,7 @@ from mihd_assets.matrix import MATRIX, cluster_count, replicate_suffix
 from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key
 from mihd_resources import ComputeResource, MetricsStore, settings
 from mihd_resources.clustering import ClusteringResource
+from mihd_resources.compute import DEVICE_FACTS, device_check_result, device_check_spec
 from mihd_resources.step_executor import StepExecutor
 
 from . import normalize
@@ -104,6 +105,12 @@ def _aligned(reference: SpotEmbedding, other: SpotEmbedding, where: str) -> np.n
     return other.values[[index[b] for b in reference.obs_names]]
 
 
+def _upstream_device(embedding: SpotEmbedding) -> dict:
+    """The device facts of the GPU step that computed ``embedding`` (none for CPU-only embeddings
+    such as PCA or concat, and for embeddings stored before the facts were recorded)."""
+    return {k: embedding.info[k] for k in DEVICE_FACTS if k in embedding.info}
+
+
 def _upstream_weights(*embeddings: SpotEmbedding) -> str:
     sources = sorted({str(e.info.get("weights", "unknown")) for e in embeddings})
     return "random" if any(s.startswith("random") for s in sources) else "; ".join(sources)
@@ -126,6 +133,7 @@ def _fusion_factory(method: str, gene: str, vision: str, replicate: int = 0):
         op_tags=gpu_op_tags() if trained else None,
         code_version="1",
         kinds={"pytorch"} if trained else {"numpy"},
+        check_specs=[device_check_spec(fusion_key(name))] if trained else None,
         description=(
             f"`{method}` fusion of the `{gene}` gene embedding and the `{vision}` vision embedding; both "
             "are standardized per modality once, here, before fusing."
@@ -141,6 +149,7 @@ def _fusion_factory(method: str, gene: str, vision: str, replicate: int = 0):
         g = normalize.standardize(gene_embedding.values)
         v = normalize.standardize(_aligned(gene_embedding, vision_embedding, where))
         demo = settings.profile() == "demo"
+        device = None  # device facts of the trained (gpu-pool) fusions
         if method == "concat":
             fused, info = simple.concat_fusion(g, v)
         elif method == "mean":
@@ -154,19 +163,23 @@ def _fusion_factory(method: str, gene: str, vision: str, replicate: int = 0):
                 return fn(g, v, device=str(cs.torch_device()), progress=_progress(log, where), seed=replicate,
                           **kwargs)
 
-            fused, info = step_executor.run(context, "fusion", work)
-        record = {**info, "method": method, "gene_encoder": gene, "vision": vision, "replicate": replicate,
-                  "weights": _upstream_weights(gene_embedding, vision_embedding), "profile": settings.profile(),
+            (fused, info), device = compute.run(context, step_executor, "fusion", work)
+        record = {**info, **(device or {}), "method": method, "gene_encoder": gene, "vision": vision,
+                  "replicate": replicate, "weights": _upstream_weights(gene_embedding, vision_embedding),
+                  "profile": settings.profile(),
                   "normalization": "standardize(gene), standardize(vision) once before fusion"}
         yield Output(SpotEmbedding(fused, list(gene_embedding.obs_names), record),
                      metadata={**_as_metadata(record), "dims": int(fused.shape[1])})
+        if device is not None:
+            yield device_check_result(fusion_key(name), device)
 
     return _asset
 
 
-def _staig_output(context, compute: ComputeResource, step_executor: StepExecutor, pre, image_raw, config, name: str,
-                  replicate: int, *, vision_name: str, weights: str) -> Output:
-    """Run STAIG (image or no-image mode, as ``config`` says) on the `staig` preset's HVG matrix."""
+def _staig_events(context, compute: ComputeResource, step_executor: StepExecutor, pre, image_raw, config, name: str,
+                  replicate: int, *, vision_name: str, weights: str):
+    """Run STAIG (image or no-image mode, as ``config`` says) on the `staig` preset's HVG matrix;
+    yields its output and its checks."""
     from dataclasses import replace
 
     from .staig import staig_fusion
@@ -185,10 +198,11 @@ def _staig_output(context, compute: ComputeResource, step_executor: StepExecutor
         except ValueError as err:  # re-raised with the slide and asset it happened in
             raise ValueError(f"{where}: {err}") from err
 
-    out, info = step_executor.run(context, "fusion", work)
-    record = {**info, "gene_encoder": "hvg", "vision": vision_name, "weights": weights,
+    (out, info), device = compute.run(context, step_executor, "fusion", work)
+    record = {**info, **device, "gene_encoder": "hvg", "vision": vision_name, "weights": weights,
               "profile": settings.profile(), "replicate": replicate}
-    return Output(SpotEmbedding(out, list(pre.obs_names), record), metadata={**_as_metadata(record)})
+    yield Output(SpotEmbedding(out, list(pre.obs_names), record), metadata={**_as_metadata(record)})
+    yield device_check_result(context.asset_key, device)
 
 
 def _staig_factory(replicate: int = 0):
@@ -207,6 +221,7 @@ def _staig_factory(replicate: int = 0):
         op_tags=gpu_op_tags(),
         code_version="3",
         kinds={"pytorch"},
+        check_specs=[device_check_spec(fusion_key(name))],
         description=(
             "STAIG-equivalent fusion with STAIG's published configuration: the 3,000-HVG matrix of the `staig` "
             "preset on a k=5 spatial graph, image-distance-driven edge dropping, pseudo-label-debiased "
@@ -217,8 +232,8 @@ def _staig_factory(replicate: int = 0):
     def _asset(context: AssetExecutionContext, compute: ComputeResource, step_executor: StepExecutor, pre, vision):
         where = f"slide '{context.partition_key}' {name}"
         image_raw = _aligned(SpotEmbedding(np.zeros((pre.n_obs, 1)), list(pre.obs_names)), vision, where)
-        yield _staig_output(context, compute, step_executor, pre, image_raw, StaigConfig(seed=seed), name, replicate,
-                            vision_name=MATRIX.staig_vision, weights=_upstream_weights(vision))
+        yield from _staig_events(context, compute, step_executor, pre, image_raw, StaigConfig(seed=seed), name,
+                                 replicate, vision_name=MATRIX.staig_vision, weights=_upstream_weights(vision))
 
     return _asset
 
@@ -239,6 +254,7 @@ def _staig_no_image_factory(replicate: int = 0):
         op_tags=gpu_op_tags(),
         code_version="1",
         kinds={"pytorch"},
+        check_specs=[device_check_spec(fusion_key(name))],
         description=(
             "STAIG without an image, as STAIG itself runs on slides without a usable image: the same GCN, graph "
             "(k=5), contrastive loss (tau=35) and 300 epochs on the 3,000-HVG matrix of the `staig` preset, with "
@@ -247,8 +263,8 @@ def _staig_no_image_factory(replicate: int = 0):
         ),
     )
     def _asset(context: AssetExecutionContext, compute: ComputeResource, step_executor: StepExecutor, pre):
-        yield _staig_output(context, compute, step_executor, pre, None, StaigConfig(image_mode="none", seed=seed), name, replicate,
-                            vision_name="none", weights="none (no image)")
+        yield from _staig_events(context, compute, step_executor, pre, None, StaigConfig(image_mode="none", seed=seed),
+                                 name, replicate, vision_name="none", weights="none (no image)")
 
     return _asset
 
@@ -383,7 +399,7 @@ def _clustering_factory(representation: str, upstream: AssetKey, kind: str, meth
             "clustering_method_used": used, "n_clusters": n_clusters, "n_clusters_source": source,
             "cluster_input": prepared, "refine_k": clustering.refine_k, "seconds": time.perf_counter() - started,
             "weights": str(embedding.info.get("weights", "unknown")), "profile": settings.profile(),
-            "replicate": replicate, **extra,
+            "replicate": replicate, **_upstream_device(embedding), **extra,
         }
         yield Output(SpotLabels(list(embedding.obs_names), labels, refined, record), metadata=_as_metadata(record))
         yield _method_result(key, method, used, record["n_clusters_requested"], record["n_clusters_found"])
@@ -405,6 +421,7 @@ def _image_only_factory(method: str, vision: str, replicate: int = 0):
         op_tags=gpu_op_tags(),
         code_version="1",
         kinds={"pytorch"},
+        check_specs=[device_check_spec(key)],
         description=(
             f"Image-only `{method}` clustering of the `{vision}` embedding"
             + (" and the H&E patches around each spot" if method == "byol_gat" else "")
@@ -441,16 +458,17 @@ def _image_only_factory(method: str, vision: str, replicate: int = 0):
             return image_only.byol_gat_clustering(patches, coords, n_clusters, seed=replicate, device=device,
                                                   progress=progress, **kwargs)
 
-        labels, _, info = step_executor.run(context, "fusion", work)
+        (labels, _, info), device = compute.run(context, step_executor, "fusion", work)
         refined = refine_labels(labels, coords, clustering.refine_k)
         record = {
-            **{k: v for k, v in info.items() if k != "gat_loss_history"},
+            **{k: v for k, v in info.items() if k != "gat_loss_history"}, **device,
             "representation": representation, "kind": "image_only", "clustering_method": method,
             "clustering_method_used": method, "n_clusters": n_clusters, "n_clusters_source": source,
             "refine_k": clustering.refine_k, "weights": str(embedding.info.get("weights", "unknown")),
             "profile": settings.profile(), "replicate": replicate,
         }
         yield Output(SpotLabels(list(embedding.obs_names), labels, refined, record), metadata=_as_metadata(record))
+        yield device_check_result(key, device)
 
     return _asset
 
@@ -526,6 +544,7 @@ def clustering_metric_rows(slide_id: str, raw, stored) -> tuple[list[dict], bool
             "chaos": chaos(values, coords), "pas": pas(values, coords),
             "weights": info.get("weights"), "profile": info.get("profile"),
             "replicate": int(info.get("replicate", 0)), "seed": info.get("seed"),
+            **{k: info.get(k) for k in DEVICE_FACTS},
         }
         if has_truth:
             row.update(agreement(raw.obs["truth"].loc[stored.obs_names].to_numpy(), values))

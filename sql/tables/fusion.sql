@@ -34,7 +34,13 @@ CREATE TABLE IF NOT EXISTS clustering_metrics (
     replicate               INTEGER,            -- 0 = each method's default seed; r = default seed + r
     seed                    BIGINT,             -- the clustering's seed (trained fusions: see their metadata)
     n_clusters_requested    INTEGER,            -- clusters asked of the method
-    n_clusters_found        INTEGER             -- non-empty clusters in this row's labels (raw or refined)
+    n_clusters_found        INTEGER,            -- non-empty clusters in this row's labels (raw or refined)
+    -- The GPU step behind the row (the image-only clustering itself, else the trained fusion or
+    -- encoder that computed the representation; NULL when none did): compute.device
+    -- (auto / cuda / cpu), the device it ran on (cuda / cpu), what configured a GPU ('' = nothing)
+    device_requested        VARCHAR,
+    device_used             VARCHAR,
+    gpu_expected_by         VARCHAR
 );
 -- Databases written before replicates were a matrix dimension.
 ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS replicate INTEGER;
@@ -42,3 +48,7 @@ ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS seed BIGINT;
 -- Databases written before found cluster counts were recorded (their rows read NULL).
 ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS n_clusters_requested INTEGER;
 ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS n_clusters_found INTEGER;
+-- Databases written before the device columns existed (their rows read NULL).
+ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS device_requested VARCHAR;
+ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS device_used VARCHAR;
+ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS gpu_expected_by VARCHAR;

@@ -11,18 +11,24 @@ import anndata as ad
 import duckdb
 import numpy as np
 import pytest
-from dagster import DagsterInstance, build_asset_context, materialize
+import torch
+import yaml
+from dagster import AssetKey, DagsterInstance, asset, build_asset_context, materialize
 from dagster_duckdb import DuckDBResource
 
 from mihd_assets.embeddings import assets as emb
+from mihd_assets.embeddings.store import SpotEmbedding
 from mihd_assets.fusion import assets as fa
 from mihd_assets.fusion import clustering as cl
 from mihd_assets.fusion.store import SpotLabels
+from mihd_assets.matrix import MATRIX
 from mihd_assets.slides import assets as slides
 from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
 from mihd_resources.clustering import ClusteringResource
+from mihd_resources.compute import DEVICE_CHECK, device_check_result, gpu_expectation
 from mihd_resources.embedding_io_manager import EmbeddingIOManager
 from mihd_resources.labels_io_manager import LabelsIOManager
+from mihd_resources.orchestration import GPU_POOL, gpu_op_tags
 from mihd_resources.step_executor import StepExecutor
 from mihd_resources.weights import ModelWeightsResource
 
@@ -160,3 +166,81 @@ def test_kmeans_that_reaches_the_count_passes_the_method_check(env):
     (check,) = result.get_asset_check_evaluations()
     assert check.passed and check.description is None
     assert check.metadata["n_clusters_found"].value == check.metadata["n_clusters_requested"].value
+
+
+# ---------------------------------------------------------------- 2. GPU step on CPU
+
+GENE_MLP = next(a for a in emb.gene_embeddings if a.key == emb.gene_key("mlp"))
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="device='auto' resolves to CUDA on this machine")
+
+
+@no_cuda
+def test_gpu_pool_step_on_cpu_with_no_gpu_expected_warns_records_and_passes(env):
+    instance, resources, store, raw, database = env
+    resources = {**resources, "compute": ComputeResource(device="auto", batch_size=32, num_workers=0)}
+    pre = slides.preprocessed_key(MATRIX.gene_preset)
+    result = materialize([slides.raw_slide, *slides.preprocessed_slides, GENE_MLP], partition_key="demo_01",
+                         instance=instance, resources=resources, selection=[pre, GENE_MLP.key])
+    assert result.success
+    assert any("a step of the 'gpu' pool runs on cpu: compute.device='auto'" in m
+               for m in _warnings(instance, result.run_id))
+    meta = result.asset_materializations_for_node(GENE_MLP.node_def.name)[0].metadata
+    assert (meta["device_requested"].value, meta["device_used"].value, meta["gpu_expected_by"].value) == (
+        "auto", "cpu", "")
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == DEVICE_CHECK]
+    assert check.passed and "no GPU was requested" in check.description
+    assert check.severity.value == "WARN"
+
+    stored = SpotEmbedding.load(store / "embeddings" / "gene_mlp" / "demo_01.npz")
+    inputs = {name: stored for name in emb.embedding_runs_metrics.keys_by_input_name}
+    with build_asset_context(partition_key="demo_01", resources={"metrics": resources["metrics"]},
+                             instance=instance) as context:
+        emb.embedding_runs_metrics(context, **inputs)
+    with duckdb.connect(str(database), read_only=True) as con:
+        rows = set(con.execute("SELECT device, device_requested, device_used, gpu_expected_by "
+                               "FROM embedding_runs").fetchall())
+    assert rows == {("cpu", "auto", "cpu", "")}
+
+
+def _slurm_settings(tmp_path, gpus: int):
+    path = tmp_path / "slurm.yaml"
+    path.write_text(yaml.safe_dump({"work_dir": str(tmp_path / "slurm_work"), "families": {"fusion": {"gpus": gpus}}}))
+    return str(path)
+
+
+@asset(key=AssetKey(["probe", "gpu_step"]), pool=GPU_POOL, op_tags=gpu_op_tags(family="fusion"))
+def _gpu_probe(context, step_executor: StepExecutor) -> str:
+    return gpu_expectation(context, step_executor, "fusion")
+
+
+@pytest.mark.parametrize("gpus, expected", [(1, "Slurm family 'fusion' requests 1 GPU(s) (--gres=gpu)"), (0, "")])
+def test_a_slurm_family_with_gpus_expects_one_and_the_local_executor_does_not(tmp_path, gpus, expected):
+    slurm = StepExecutor(executor="slurm", slurm_config=_slurm_settings(tmp_path, gpus))
+    with build_asset_context(resources={"step_executor": slurm}) as context:
+        assert _gpu_probe(context) == expected
+    with build_asset_context(resources={"step_executor": StepExecutor()}) as context:
+        assert _gpu_probe(context) == ""
+
+
+def test_cpu_run_where_a_gpu_is_expected_warns_and_fails_the_device_check(tmp_path, caplog):
+    slurm = StepExecutor(executor="slurm", slurm_config=_slurm_settings(tmp_path, 2))
+    with build_asset_context(resources={"step_executor": slurm}) as context:
+        expected = _gpu_probe(context)
+    logger = logging.getLogger("mihd.test.step")
+    # compute.device='cpu' on a node Slurm gave GPUs to; on a CUDA-less node 'auto' gives the same
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        facts = ComputeResource(device="cpu").settings().device_facts(logger, "fusion/x (partition 's1')", True,
+                                                                         expected)
+    assert facts == {"device_requested": "cpu", "device_used": "cpu", "gpu_expected_by": expected}
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "runs on cpu although Slurm family 'fusion' requests 2 GPU(s)" in record.getMessage()
+    check = device_check_result(AssetKey(["fusion", "x"]), facts)
+    assert not check.passed and check.severity.value == "WARN"
+    assert check.description == "ran on cpu although Slurm family 'fusion' requests 2 GPU(s) (--gres=gpu)"
+
+
+def test_explicit_cpu_with_nothing_expecting_a_gpu_passes_the_device_check():
+    facts = ComputeResource(device="cpu").settings().device_facts(logging.getLogger("x"), "x", True, "")
+    check = device_check_result(AssetKey(["fusion", "x"]), facts)
+    assert check.passed and check.description == "no GPU was requested: compute.device='cpu'; ran on cpu"
