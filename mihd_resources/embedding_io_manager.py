@@ -8,15 +8,16 @@ from dagster import ConfigurableIOManager, InputContext, OutputContext
 
 from mihd_assets.embeddings.store import SpotEmbedding
 
-from .io_manager import partitions_for_unpartitioned_consumer
+from .io_manager import partition_file, partitions_for_unpartitioned_consumer
 
 
 class EmbeddingIOManager(ConfigurableIOManager):
+    """Partition keys are checked by :func:`mihd_resources.io_manager.partition_file`."""
+
     base_dir: str
 
     def _path(self, context: OutputContext | InputContext) -> Path:
-        partition = context.asset_partition_key if context.has_asset_partitions else "__all__"
-        return Path(self.base_dir, *context.asset_key.path, f"{partition}.npz")
+        return partition_file(self.base_dir, context, ".npz")
 
     def handle_output(self, context: OutputContext, obj: SpotEmbedding) -> None:
         if not isinstance(obj, SpotEmbedding):
@@ -28,7 +29,7 @@ class EmbeddingIOManager(ConfigurableIOManager):
     def load_input(self, context: InputContext) -> SpotEmbedding | dict[str, SpotEmbedding]:
         keys = partitions_for_unpartitioned_consumer(context)
         if keys is not None:
-            return {k: self._load(Path(self.base_dir, *context.asset_key.path, f"{k}.npz")) for k in keys}
+            return {k: self._load(partition_file(self.base_dir, context, ".npz", k)) for k in keys}
         return self._load(self._path(context))
 
     @staticmethod

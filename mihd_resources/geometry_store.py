@@ -10,6 +10,8 @@ from pathlib import Path
 
 from dagster import ConfigurableResource
 
+from .storage import path_in_root
+
 TRAINING_SET = "geometry_training_set.npz"
 CHECKPOINT = "geometry_checkpoint.pt"
 CHECKPOINT_RECORD = "geometry_checkpoint.json"
@@ -22,9 +24,10 @@ class GeometryStore(ConfigurableResource):
     base_dir: str
 
     def path(self, name: str) -> Path:
-        folder = Path(self.base_dir, "geometry")
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / name
+        """``<base_dir>/geometry/<name>``; a name that leaves that folder is a ValueError."""
+        path = path_in_root(Path(self.base_dir, "geometry"), name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def existing(self, name: str, produced_by: str) -> Path:
         path = self.path(name)

@@ -6,9 +6,11 @@ from typing import TYPE_CHECKING
 
 from pathlib import Path
 
-from dagster import ConfigurableIOManager, InputContext, OutputContext
+from dagster import ConfigurableIOManager, DagsterInvariantViolationError, InputContext, OutputContext
 
 from mihd_assets.fileio import atomic_path
+
+from .storage import InvalidPartitionKey, partition_path, partitions_label, path_in_root
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -23,9 +25,7 @@ class AnnDataIOManager(ConfigurableIOManager):
     base_dir: str
 
     def _path(self, context: OutputContext | InputContext) -> Path:
-        key_path = context.asset_key.path
-        partition = context.asset_partition_key if context.has_asset_partitions else "__all__"
-        return Path(self.base_dir, *key_path, f"{partition}.h5ad")
+        return partition_file(self.base_dir, context, ".h5ad")
 
     def handle_output(self, context: OutputContext, obj: ad.AnnData) -> None:
         import anndata as ad
@@ -46,12 +46,36 @@ class AnnDataIOManager(ConfigurableIOManager):
         return ad.read_h5ad(self._existing(context, None))
 
     def _existing(self, context: InputContext, partition: str | None) -> Path:
-        path = self._path(context) if partition is None else Path(self.base_dir, *context.asset_key.path, f"{partition}.h5ad")
+        path = self._path(context) if partition is None else partition_file(self.base_dir, context, ".h5ad", partition)
         if not path.is_file():
             raise FileNotFoundError(
                 f"{context.asset_key.to_user_string()}: no stored file {path}; materialize the upstream partition first"
             )
         return path
+
+
+UNPARTITIONED = "__all__"  # the file name of an unpartitioned asset's object
+
+
+def partition_file(base_dir: str, context: OutputContext | InputContext, suffix: str, key: str | None = None) -> Path:
+    """``<base_dir>/<asset key path>/<partition key><suffix>`` of ``context``'s partition (or of
+    ``key``, one of several upstream partitions), ``__all__<suffix>`` when unpartitioned.
+
+    The partition key must be a plain file name and the path must stay inside ``base_dir``
+    (:func:`mihd_resources.storage.partition_path`); otherwise InvalidPartitionKey naming the
+    asset, the key and the partitions definition."""
+    if key is None and not context.has_asset_partitions:
+        return path_in_root(base_dir, *context.asset_key.path, UNPARTITIONED + suffix)
+    partition = context.asset_partition_key if key is None else key
+    try:
+        partitions_def = context.asset_partitions_def
+    except DagsterInvariantViolationError:  # a context built with a partition key but no definition
+        partitions_def = None
+    try:
+        return partition_path(base_dir, partition, partitions=partitions_label(partitions_def),
+                              prefix=tuple(context.asset_key.path), suffix=suffix)
+    except ValueError as exc:
+        raise InvalidPartitionKey(f"{context.asset_key.to_user_string()}: {exc}") from None
 
 
 def partitions_for_unpartitioned_consumer(context: InputContext) -> list[str] | None:

@@ -8,13 +8,16 @@ from dagster import ConfigurableIOManager, InputContext, OutputContext
 
 from mihd_assets.fusion.store import SpotLabels
 
+from .io_manager import partition_file
+
 
 class LabelsIOManager(ConfigurableIOManager):
+    """Partition keys are checked by :func:`mihd_resources.io_manager.partition_file`."""
+
     base_dir: str
 
     def _path(self, context: OutputContext | InputContext) -> Path:
-        partition = context.asset_partition_key if context.has_asset_partitions else "__all__"
-        return Path(self.base_dir, *context.asset_key.path, f"{partition}.npz")
+        return partition_file(self.base_dir, context, ".npz")
 
     def handle_output(self, context: OutputContext, obj: SpotLabels) -> None:
         if not isinstance(obj, SpotLabels):

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .orchestration import GPU_FAMILIES
 from .slurm_worker import read_private_file, write_private_file
+from .storage import partitions_label, validate_partition_key
 
 T = TypeVar("T")
 
@@ -273,7 +274,9 @@ class StepExecutor(ConfigurableResource):
         env = dict(os.environ)
         self._preflight(env)
         step = re.sub(r"[^A-Za-z0-9_.-]+", "_", context.op.name)
-        partition = context.partition_key if context.has_partition_key else ""
+        partition = ""
+        if context.has_partition_key:  # part of the job folder's name: a plain file name only
+            partition = validate_partition_key(context.partition_key, partitions_label(context.assets_def.partitions_def))
         work_dir = Path(settings.work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         run_folder = private_dir(work_dir / context.run_id)

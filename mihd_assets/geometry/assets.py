@@ -38,7 +38,7 @@ from mihd_resources.geometry_store import (
     GeometryStore,
 )
 from mihd_resources.step_executor import StepExecutor
-from mihd_resources.storage import validate_partition_key
+from mihd_resources.storage import SLIDES, validate_partition_key
 
 from .config import GeometryPlan, geometry_plan, geometry_size
 
@@ -53,7 +53,7 @@ LOW_SIGMA_SCALE = "low_sigma_scale_ratio"
 
 PLAN: GeometryPlan = geometry_plan()
 for _slide in PLAN.train_slides + PLAN.heldout_slides:
-    validate_partition_key(_slide)
+    validate_partition_key(_slide, SLIDES)
 _SLIDES = SpecificPartitionsPartitionMapping(list(PLAN.train_slides + PLAN.heldout_slides))
 
 

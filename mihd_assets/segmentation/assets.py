@@ -31,6 +31,7 @@ from mihd_assets.fileio import atomic_write_bytes, atomic_write_text, file_sha25
 from mihd_resources import ComputeResource, MetricsStore, settings
 from mihd_resources.metrics_store import read_only_query
 from mihd_resources.step_executor import StepExecutor
+from mihd_resources.storage import partition_path
 from mihd_resources.weights import ModelWeightsResource
 
 from .partitions import ANNOTATIONS, CLINICAL, DONOR_TILES, donors_partitions
@@ -520,7 +521,13 @@ E5_COUNTS = seg_key("e5_tile_counts")
 
 
 def donor_counts_path(donor: str) -> Path:
-    return store("e5", "tile_counts", f"{donor}.json")
+    """``<storage>/segmentation/e5/tile_counts/<donor>.json``; an invalid donor key is refused naming it."""
+    return partition_path(store("e5", "tile_counts"), donor, partitions=donors_partitions.name, suffix=".json")
+
+
+def donor_tiles_folder(donor: str) -> Path:
+    """``<tiles root>/<donor>``; an invalid donor key is refused naming it."""
+    return partition_path(settings.tiles_root(), donor, partitions=donors_partitions.name)
 
 
 @asset(
@@ -537,8 +544,8 @@ def e5_tile_counts(context: AssetExecutionContext, compute: ComputeResource, ste
     from .tiles import SkippedTile, TileReadError, cellpose_image, discover_tiles, read_pair
 
     donor = context.partition_key
+    folder = donor_tiles_folder(donor)
     plan = plan_for_profile()
-    folder = settings.tiles_root() / donor
     pairs, skipped = discover_tiles(folder, donor)
     other = [p for p in pairs if plan.marker and p.marker != plan.marker]
     pairs = [p for p in pairs if not plan.marker or p.marker == plan.marker]
