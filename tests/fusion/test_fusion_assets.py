@@ -137,7 +137,16 @@ def test_slide_without_truth_keeps_clusterings_and_records_why(env, tmp_path):
     with duckdb.connect(str(tmp_path / "m.duckdb"), read_only=True) as con:
         rows = con.execute("SELECT ari, metrics_status, chaos, asset_key FROM clustering_metrics").fetchall()
     assert len(rows) == 2
-    assert all(r[0] is None and r[1] == "skipped: slide has no truth labels" and r[2] > 0 for r in rows)
+    assert all(r[0] is None and r[1] == "skipped: slide has no truth labels" for r in rows)
+    # CHAOS of the stored labels on the slide's standardized spot coordinates, by brute force:
+    # mean distance from each spot to the nearest other spot of its cluster.
+    xy = np.asarray(raw.obsm["spatial"], dtype=np.float64)
+    xy = (xy - xy.mean(axis=0)) / xy.std(axis=0)
+    dist = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
+    same = labels.labels[:, None] == labels.labels[None]
+    np.fill_diagonal(same, False)
+    expected_chaos = np.where(same, dist, np.inf).min(axis=1).mean()
+    assert [r[2] for r in rows] == [pytest.approx(expected_chaos, rel=1e-9)] * 2  # raw and refined labels are equal
     assert {r[3] for r in rows} == {"evaluation/clustering_metrics/gene_pca__mclust"}
 
 

@@ -105,7 +105,12 @@ def test_byol_loss_range_and_target_gets_no_gradient():
     assert float(loss.detach()) == pytest.approx((0.0 + 4.0) / 2)
     loss.backward()
     assert z.grad is None
-    assert p.grad is not None
+    # Both rows sit at an extremum of the cosine (+1 and -1), where d(2 - 2cos)/dp is exactly 0.
+    torch.testing.assert_close(p.grad, torch.zeros(2, 2))
+    # At 45 degrees: d/dq (2 - 2cos) = -2 (z/|z| - cos q/|q|) / |q| = [-1, 1] / sqrt(2).
+    q = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    byol_regression_loss(q, torch.tensor([[3.0, 0.0]])).backward()
+    torch.testing.assert_close(q.grad, torch.tensor([[-1.0, 1.0]]) / 2**0.5)
 
 
 def test_scan_loss_matches_hand_formula_and_stays_finite_for_disjoint_predictions():

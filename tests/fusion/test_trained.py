@@ -81,8 +81,14 @@ def test_loss_decreases_and_info_describes_the_run(runs, planted, name):
     assert fused.dtype == np.float32 and fused.shape[0] == N_SPOTS and np.isfinite(fused).all()
     assert [c[0] for c in calls] == list(range(1, epochs + 1))
     assert all(c[1] == epochs for c in calls) and [c[2] for c in calls] == history
-    for key, value in METHODS[name][1].items():
-        assert info[key] == value
+    # The size arguments took effect: output widths and parameter counts worked out by hand
+    # (gene 12, vision 24 wide; Linear(a, b) has a*b + b parameters).
+    width = {"llava_mlp": 2 * 12, "basic_contrastive": 2 * 16, "qformer": 16}[name]
+    assert fused.shape[1] == width
+    if name == "llava_mlp":  # projector 24 -> 12 (hidden defaults to the gene width) -> 12
+        assert info["n_parameters"] == (24 * 12 + 12) + (12 * 12 + 12)
+    if name == "basic_contrastive":  # gene 12 -> 64 -> 16 and vision 24 -> 64 -> 16
+        assert info["n_parameters"] == (12 * 64 + 64) + (64 * 16 + 16) + (24 * 64 + 64) + (64 * 16 + 16)
 
 
 @pytest.mark.parametrize("name", METHODS)

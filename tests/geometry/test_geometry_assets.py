@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import duckdb
+import numpy as np
 import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 from dagster_duckdb import DuckDBResource
@@ -10,10 +11,11 @@ from dagster_duckdb import DuckDBResource
 from dagster_project.definitions import defs
 from mihd_assets.geometry import assets as geo
 from mihd_assets.geometry import config as geo_config
+from mihd_assets.geometry.targets import GeometryTrainingSet
 from mihd_assets.geometry.train import read_checkpoint
 from mihd_assets.slides.assets import raw_slide
 from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
-from mihd_resources.geometry_store import CHECKPOINT, GeometryStore
+from mihd_resources.geometry_store import CHECKPOINT, TRAINING_SET, GeometryStore
 from mihd_resources.step_executor import StepExecutor
 
 SLIDES = ["demo_01", "demo_02", "demo_03"]
@@ -75,7 +77,10 @@ def test_materialize_writes_checkpoint_evaluation_and_duckdb(geometry_home, monk
     assert result.success
     ts_meta = result.asset_materializations_for_node("geometry__geometry_training_set")[0].metadata
     assert ts_meta["train_slides"].value == ["demo_01", "demo_02"] and ts_meta["heldout_slides"].value == ["demo_03"]
-    assert ts_meta["sigma_data"].value > 0
+    # sigma_data is the RMS of the training sets' target coordinates (held-out sets left out).
+    stored_ts = GeometryTrainingSet.load(root / "storage" / "geometry" / TRAINING_SET)
+    train_targets = stored_ts.train.targets[stored_ts.train.mask].astype(np.float64)
+    assert ts_meta["sigma_data"].value == pytest.approx(np.sqrt((train_targets**2).mean()), abs=1e-5)
     ck_meta = result.asset_materializations_for_node("geometry__geometry_checkpoint")[0].metadata
     assert ck_meta["step"].value == 20 and ck_meta["device"].value == "cpu" and ck_meta["size"].value == "tiny"
     assert {"gen_align", "score", "total"} <= set(ck_meta["losses"].value)

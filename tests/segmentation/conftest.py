@@ -34,3 +34,12 @@ def write_tiff(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buffer.getvalue())
     return path
+
+
+def changed_weights(before, after) -> int:
+    """How many network tensors (not the label-diameter buffer) differ between two state dicts."""
+    import torch
+
+    a, b = torch.load(before, weights_only=True), torch.load(after, weights_only=True)
+    assert a.keys() == b.keys()
+    return sum(not torch.equal(a[k], b[k]) for k in a if k != "diam_labels")

@@ -4,6 +4,8 @@ import torch
 
 from mihd_assets.segmentation import cellpose_api as api
 
+from .conftest import changed_weights
+
 
 def test_unknown_model_name_or_missing_path_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(api.CellposeWeightsError, match="neither an existing file nor a known cellpose model name"):
@@ -55,10 +57,13 @@ def test_train_counts_min_train_masks_drops_and_segment_shapes(tmp_path):
     base = tmp_path / "base.pt"
     api.save_random_network(base, api.TINY_CONFIG)
     data = [_disk_image(n, seed=n) for n in (6, 2, 8)]
-    result = api.train(base, [d[0] for d in data], [d[1] for d in data], tmp_path / "out.pt", n_epochs=1, learning_rate=1e-3,
+    # Two epochs: cellpose's learning rate warms up from 0, so a one-epoch run changes no weight
+    # (only the stored mean label diameter, `diam_labels`).
+    result = api.train(base, [d[0] for d in data], [d[1] for d in data], tmp_path / "out.pt", n_epochs=2, learning_rate=1e-3,
                        weight_decay=0.01, batch_size=2, min_train_masks=5, seed=0)
     assert result.dropped == [1] and result.n_images_used == 2 and result.n_images_given == 3
-    assert (tmp_path / "out.pt").is_file() and result.sha256 != api.file_sha256(base)
+    assert result.sha256 == api.file_sha256(tmp_path / "out.pt") and len(result.train_losses) == 2
+    assert changed_weights(base, tmp_path / "out.pt") > 0
     images = [d[0].copy() for d in data[:2]]
     masks = api.segment(api.load_model(tmp_path / "out.pt"), images)
     np.testing.assert_array_equal(images[0], data[0][0])  # raw intensities survive cellpose's normalization
@@ -85,10 +90,17 @@ def test_budget_runs_fine_tune_each_budget_and_seed_and_score_the_test_set(tmp_p
     records = lambda d, p: [{"image_id": f"{p}{i}", "marker": "GFAP"} for i in range(len(d))]  # noqa: E731
     train_set = CellposeSet([d[0] for d in train], [d[1] for d in train], records(train, "tr"))
     test_set = CellposeSet([d[0] for d in test], [d[1] for d in test], records(test, "te"))
-    plan = replace(SegmentationPlan(), n_epochs=1, learning_rate=1e-3, batch_size=2, budgets=(2, 3), budget_seeds=(0, 1))
+    plan = replace(SegmentationPlan(), n_epochs=2, learning_rate=1e-3, batch_size=2, budgets=(2, 3), budget_seeds=(0, 1))
     runs, frames, drops = budget_runs(logging.getLogger("e2"), plan, {"path": str(base), "config": "tiny", "weights": "random"},
                                       train_set, test_set, ["te0"], "cpu", "demo", lambda name: tmp_path / f"{name}.pt")
     assert [(r["budget"], r["seed"]) for r in runs] == [(2, 0), (2, 1), (3, 0), (3, 1)] and drops == 0
-    assert all((tmp_path / f"{r['model']}.pt").is_file() for r in runs)
+    # Each run's file is the checkpoint it reports, every run moved the weights, and runs on
+    # different image subsets trained different weights.
+    assert [api.file_sha256(tmp_path / f"{r['model']}.pt") for r in runs] == [r["sha256"] for r in runs]
+    assert all(changed_weights(base, tmp_path / f"{r['model']}.pt") for r in runs)
+    subsets = {}
+    for r in runs:
+        subsets.setdefault(tuple(r["images"]), r["sha256"])
+    assert len(subsets) >= 2 and len(set(subsets.values())) == len(subsets)
     assert [len(r["images"]) for r in runs] == [2, 2, 3, 3]
     assert all(set(f["variant"]) == {r["model"]} and "ap50" in f for f, r in zip(frames, runs))

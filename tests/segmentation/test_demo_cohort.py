@@ -53,4 +53,5 @@ def test_e5_statistics_recover_the_planted_associations(tmp_path):
     assert set(PLANTED) <= significant, table
     assert len(significant & set(NULL)) <= 1, table
     assert table.loc["braaksc", "n_missing_outcome"] == 1 and table.loc["ceradsc", "rho"] < 0
-    assert np.isfinite(table.loc[list(PLANTED), "rho"]).all()
+    # The planted directions: braaksc, nft and gpath rise with the positive ratio (ceradsc falls, above).
+    assert (table.loc[["braaksc", "nft", "gpath"], "rho"] > 0).all(), table

@@ -5,8 +5,8 @@ sweep land in DuckDB, with counts that follow from the drawing.
 The cohort: every tile is the same 96x96 drawing of six nuclei (rectangles) with a known
 marker intensity each; five donors with a GFAP and an OLIG2 tile each. The split (3/1/1
 donors) leaves six training and two test images. Every network is a random tiny CPSAM
-trained for one epoch (MIHD_SEG_EPOCHS=1); E2's budgets shrink to (2, 3) so they fit the
-six training images.
+trained for two epochs (MIHD_SEG_EPOCHS=2: cellpose's learning rate warms up from 0, so one
+epoch would change no weight); E2's budgets shrink to (2, 3) so they fit the six training images.
 
 The `generic` model's test predictions are a known stand-in network output (``PREDICTION``:
 the six true nuclei copied exactly plus four false objects), so E1-generic, E3 and E4 have
@@ -23,11 +23,12 @@ import pytest
 from dagster import DagsterInstance, materialize
 from dagster_duckdb import DuckDBResource
 
+from mihd_assets.fileio import file_sha256
 from mihd_resources import ComputeResource, MetricsStore
 from mihd_resources.step_executor import StepExecutor
 from mihd_resources.weights import ModelWeightsResource
 
-from .conftest import write_tiff
+from .conftest import changed_weights, write_tiff
 
 SIZE = 96
 DONORS = [f"1000000{i}" for i in range(1, 6)]
@@ -103,7 +104,7 @@ def chain(tmp_path, monkeypatch):
     root = tmp_path / "cohort"
     _write_cohort(root)
     for name, value in {"MIHD_HOME": tmp_path / "home", "MIHD_TILES_ROOT": root / "tiles",
-                        "MIHD_ANNOTATIONS_ROOT": root / "annotations", "MIHD_PROFILE": "demo", "MIHD_SEG_EPOCHS": "1"}.items():
+                        "MIHD_ANNOTATIONS_ROOT": root / "annotations", "MIHD_PROFILE": "demo", "MIHD_SEG_EPOCHS": "2"}.items():
         monkeypatch.setenv(name, str(value))
     for name in ("MIHD_CELLPOSE_WEIGHTS", "MIHD_STORAGE", "MIHD_DUCKDB", "MIHD_EXECUTOR", "MIHD_SEG_MARKER_THRESHOLD"):
         monkeypatch.delenv(name, raising=False)
@@ -123,20 +124,27 @@ def chain(tmp_path, monkeypatch):
     db = tmp_path / "metrics.duckdb"
     resources = {"metrics": MetricsStore(duckdb=DuckDBResource(database=str(db))), "compute": ComputeResource(device="cpu"),
                  "step_executor": StepExecutor(), "weights": ModelWeightsResource(allow_random=True)}
-    return db, resources, seg.plan_for_profile()
+    return db, resources, seg.plan_for_profile(), tmp_path / "home" / "storage" / "segmentation"
 
 
 def test_e0_to_e4_assets_write_every_model_budget_and_gating_setting(chain):
     from mihd_assets.segmentation import assets as seg
     from mihd_assets.segmentation.definitions import BENCHMARK_KEYS, all_assets
-    from mihd_assets.segmentation.plan import MODELS
+    from mihd_assets.segmentation.plan import FINE_TUNED, MODELS
 
-    db, resources, plan = chain
+    db, resources, plan, store = chain
     result = materialize(all_assets, instance=DagsterInstance.ephemeral(), resources=resources, selection=BENCHMARK_KEYS)
     assert result.success
     done = {e.asset_key for e in result.get_asset_materialization_events()}
     assert done == set(BENCHMARK_KEYS)
     assert [seg.predictions_key(m) in done for m in MODELS] == [True] * 4
+    # Every fine-tune moved the baseline's weights, and the three E1 fine-tunes differ from each other.
+    for model in FINE_TUNED:
+        assert changed_weights(store / "checkpoints" / "baseline.pt", store / "checkpoints" / f"{model}.pt") > 0, model
+    assert len({file_sha256(store / "checkpoints" / f"{m}.pt") for m in FINE_TUNED}) == 3
+    e2_checkpoints = sorted((store / "e2").glob("*.pt"))
+    assert [p.stem for p in e2_checkpoints] == sorted(f"budget_{b}_seed_{s}" for b in BUDGETS for s in (0, 1))
+    assert all(changed_weights(store / "checkpoints" / "baseline.pt", path) > 0 for path in e2_checkpoints)
     checks = {(c.asset_key.path[-1], c.check_name): c.passed for c in result.get_asset_check_evaluations()}
     assert checks[("e1_checkpoint_marker_specific", "weights_not_random")] is False  # fine-tuned from random weights
     assert checks[("e1_checkpoint_marker_only", "no_min_train_masks_drops")] is True  # six masks per image >= 5
@@ -171,7 +179,7 @@ def test_e0_to_e4_assets_write_every_model_budget_and_gating_setting(chain):
         assert e2 == [(b, s, f"budget_{b}_seed_{s}", N_TEST, 1) for b, s in expected]
         runs = con.execute("SELECT budget, seed, model, n_train_given, n_epochs FROM segmentation_models "
                            "WHERE experiment = 'E2' ORDER BY 1, 2").fetchall()
-        assert runs == [(b, s, f"budget_{b}_seed_{s}", b, 1) for b, s in expected]
+        assert runs == [(b, s, f"budget_{b}_seed_{s}", b, 2) for b, s in expected]
 
         # E3: the plan's quantiles x minimum areas, with the hand-counted effect of each gate.
         e3 = con.execute("SELECT gating, min_area, variant, tp, fp, fn, ap50, n_pred FROM segmentation_metrics "

@@ -32,6 +32,7 @@ def test_gating_grid_behaves_as_named():
 def test_denser_point_grid_reaches_more_instances():
     masks, _ = _labels()
     rows, cols = point_grid(masks.shape, 4)
-    assert len(rows) == 16 and rows.min() >= 0 and rows.max() < 40
+    # Cell centres of a 4 x 4 partition of 40 px: (k + 0.5) / 4 * 40 = 5, 15, 25, 35.
+    assert len(rows) == 16 and sorted(set(rows)) == [5, 15, 25, 35] and sorted(set(cols)) == [5, 15, 25, 35]
     counts = [grid_prompted_masks(masks, pps).max() for pps in (2, 8, 40)]
     assert counts == sorted(counts) and counts[-1] == 4 and counts[0] < 4
