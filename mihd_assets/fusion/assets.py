@@ -40,6 +40,7 @@ from . import normalize
 from .store import SpotLabels
 
 METHOD_CHECK = "clustering_method_as_requested"
+PSEUDO_LABEL_CHECK = "staig_pseudo_labels_as_requested"
 TRAINED_FUSIONS = ("llava_mlp", "basic_contrastive", "qformer")
 
 # Demo profile: same code, fewer epochs and narrower networks (recorded as profile=demo).
@@ -109,6 +110,20 @@ def _upstream_device(embedding: SpotEmbedding) -> dict:
     """The device facts of the GPU step that computed ``embedding`` (none for CPU-only embeddings
     such as PCA or concat, and for embeddings stored before the facts were recorded)."""
     return {k: embedding.info[k] for k in DEVICE_FACTS if k in embedding.info}
+
+
+PSEUDO_LABEL_FACTS = ("pseudo_label_k_requested", "pseudo_label_k_used", "n_pseudo_labels")
+
+
+def _upstream_pseudo_labels(embedding: SpotEmbedding) -> dict:
+    """STAIG's image pseudo-labels behind a representation (k requested, k used, non-empty
+    pseudo-labels); nothing for other representations and for STAIG without an image."""
+    info = embedding.info
+    if info.get("pseudo_labels") != "kmeans_image_pcs":
+        return {}
+    # STAIG embeddings stored before the k used was recorded lack it (NULL in the rows)
+    return {"pseudo_label_k_requested": info["pseudo_label_k"], "pseudo_label_k_used": info.get("pseudo_label_k_used"),
+            "n_pseudo_labels": info["n_pseudo_labels"]}
 
 
 def _upstream_weights(*embeddings: SpotEmbedding) -> str:
@@ -194,7 +209,7 @@ def _staig_events(context, compute: ComputeResource, step_executor: StepExecutor
     def work(log):
         try:
             return staig_fusion(hvg, coords, image_raw, config, device=str(cs.torch_device()),
-                                progress=_progress(log, where))
+                                progress=_progress(log, where), logger=log)
         except ValueError as err:  # re-raised with the slide and asset it happened in
             raise ValueError(f"{where}: {err}") from err
 
@@ -203,6 +218,28 @@ def _staig_events(context, compute: ComputeResource, step_executor: StepExecutor
               "profile": settings.profile(), "replicate": replicate}
     yield Output(SpotEmbedding(out, list(pre.obs_names), record), metadata={**_as_metadata(record)})
     yield device_check_result(context.asset_key, device)
+    if config.image_mode == "image":
+        yield _pseudo_label_result(context.asset_key, info)
+
+
+def _pseudo_label_check(key: AssetKey) -> AssetCheckSpec:
+    return AssetCheckSpec(PSEUDO_LABEL_CHECK, asset=key, description=(
+        "Fails (WARN) when STAIG's image pseudo-labels are fewer than pseudo_label_k: k clamped to a slide with "
+        "fewer spots, or k-means leaving pseudo-labels without a spot."))
+
+
+def _pseudo_label_result(key: AssetKey, info: dict) -> AssetCheckResult:
+    requested, used, found = info["pseudo_label_k"], info["pseudo_label_k_used"], info["n_pseudo_labels"]
+    problems = []
+    if used != requested:
+        problems.append(f"pseudo_label_k={requested} clamped to {used}, the slide's number of spots")
+    if found != used:
+        problems.append(f"k-means gave {found} non-empty pseudo-labels of {used}")
+    return AssetCheckResult(
+        check_name=PSEUDO_LABEL_CHECK, asset_key=key, passed=not problems, severity=AssetCheckSeverity.WARN,
+        description="; ".join(problems) or None,
+        metadata={"pseudo_label_k_requested": requested, "pseudo_label_k_used": used, "n_pseudo_labels": found},
+    )
 
 
 def _staig_factory(replicate: int = 0):
@@ -221,7 +258,7 @@ def _staig_factory(replicate: int = 0):
         op_tags=gpu_op_tags(),
         code_version="3",
         kinds={"pytorch"},
-        check_specs=[device_check_spec(fusion_key(name))],
+        check_specs=[device_check_spec(fusion_key(name)), _pseudo_label_check(fusion_key(name))],
         description=(
             "STAIG-equivalent fusion with STAIG's published configuration: the 3,000-HVG matrix of the `staig` "
             "preset on a k=5 spatial graph, image-distance-driven edge dropping, pseudo-label-debiased "
@@ -335,7 +372,7 @@ def run_clustering(method: str, x: np.ndarray, n_clusters: int, resource: Cluste
         labels = kmeans_labels(x, n_clusters, seed, where)
         return labels, "kmeans", {"seed": seed, **cluster_count_facts(labels, n_clusters, "kmeans", where, log)}
     if method == "leiden":
-        labels, extra = leiden_labels(x, n_clusters, seed, where=where, log=log)  # warns itself on a miss
+        labels, extra = leiden_labels(x, n_clusters, seed, where=where, logger=log)  # warns itself on a miss
         found = extra.pop("n_found")
         return labels, "leiden", {"seed": seed, **extra, "n_clusters_requested": n_clusters, "n_clusters_found": found}
     raise ValueError(f"{where}: unknown clustering method {method!r}; expected one of {MATRIX.clustering_methods}")
@@ -399,7 +436,7 @@ def _clustering_factory(representation: str, upstream: AssetKey, kind: str, meth
             "clustering_method_used": used, "n_clusters": n_clusters, "n_clusters_source": source,
             "cluster_input": prepared, "refine_k": clustering.refine_k, "seconds": time.perf_counter() - started,
             "weights": str(embedding.info.get("weights", "unknown")), "profile": settings.profile(),
-            "replicate": replicate, **_upstream_device(embedding), **extra,
+            "replicate": replicate, **_upstream_device(embedding), **_upstream_pseudo_labels(embedding), **extra,
         }
         yield Output(SpotLabels(list(embedding.obs_names), labels, refined, record), metadata=_as_metadata(record))
         yield _method_result(key, method, used, record["n_clusters_requested"], record["n_clusters_found"])
@@ -421,7 +458,7 @@ def _image_only_factory(method: str, vision: str, replicate: int = 0):
         op_tags=gpu_op_tags(),
         code_version="1",
         kinds={"pytorch"},
-        check_specs=[device_check_spec(key)],
+        check_specs=[_method_check(key), device_check_spec(key)],
         description=(
             f"Image-only `{method}` clustering of the `{vision}` embedding"
             + (" and the H&E patches around each spot" if method == "byol_gat" else "")
@@ -432,7 +469,7 @@ def _image_only_factory(method: str, vision: str, replicate: int = 0):
     def _asset(context: AssetExecutionContext, compute: ComputeResource, clustering: ClusteringResource,
                step_executor: StepExecutor, embedding, raw):
         from . import image_only
-        from .clustering import refine_labels, validate_for_clustering
+        from .clustering import cluster_count_facts, refine_labels, validate_for_clustering
 
         slide_id = context.partition_key
         where = f"slide '{slide_id}' {representation}"
@@ -451,7 +488,7 @@ def _image_only_factory(method: str, vision: str, replicate: int = 0):
             progress = _progress(log, where)
             if method == "scan":
                 return image_only.scan_clustering(x, n_clusters, seed=replicate, device=device, progress=progress,
-                                                  **kwargs)
+                                                  logger=log, **kwargs)
             if method == "stego":
                 return image_only.stego_clustering(x, coords, n_clusters, seed=replicate, device=device,
                                                    progress=progress, **kwargs)
@@ -459,15 +496,20 @@ def _image_only_factory(method: str, vision: str, replicate: int = 0):
                                                   progress=progress, **kwargs)
 
         (labels, _, info), device = compute.run(context, step_executor, "fusion", work)
+        if method == "scan":  # scan_clustering logged a collapsed head itself, through the step's log
+            counts = {"n_clusters_requested": n_clusters, "n_clusters_found": info["n_clusters_found"]}
+        else:  # k-means on the learned features
+            counts = cluster_count_facts(labels, n_clusters, method, where, context.log)
         refined = refine_labels(labels, coords, clustering.refine_k)
         record = {
-            **{k: v for k, v in info.items() if k != "gat_loss_history"}, **device,
+            **{k: v for k, v in info.items() if k != "gat_loss_history"}, **device, **counts,
             "representation": representation, "kind": "image_only", "clustering_method": method,
             "clustering_method_used": method, "n_clusters": n_clusters, "n_clusters_source": source,
             "refine_k": clustering.refine_k, "weights": str(embedding.info.get("weights", "unknown")),
             "profile": settings.profile(), "replicate": replicate,
         }
         yield Output(SpotLabels(list(embedding.obs_names), labels, refined, record), metadata=_as_metadata(record))
+        yield _method_result(key, method, method, n_clusters, counts["n_clusters_found"])
         yield device_check_result(key, device)
 
     return _asset
@@ -544,7 +586,7 @@ def clustering_metric_rows(slide_id: str, raw, stored) -> tuple[list[dict], bool
             "chaos": chaos(values, coords), "pas": pas(values, coords),
             "weights": info.get("weights"), "profile": info.get("profile"),
             "replicate": int(info.get("replicate", 0)), "seed": info.get("seed"),
-            **{k: info.get(k) for k in DEVICE_FACTS},
+            **{k: info.get(k) for k in DEVICE_FACTS + PSEUDO_LABEL_FACTS},
         }
         if has_truth:
             row.update(agreement(raw.obs["truth"].loc[stored.obs_names].to_numpy(), values))

@@ -148,25 +148,25 @@ def clusters_found(labels: np.ndarray) -> int:
     return int(np.unique(np.asarray(labels)).size)
 
 
-def cluster_count_facts(labels: np.ndarray, requested: int, method: str, where: str, log=None) -> dict:
+def cluster_count_facts(labels: np.ndarray, requested: int, method: str, where: str, logger=None) -> dict:
     """``n_clusters_requested`` and ``n_clusters_found`` of one clustering; a WARNING when they differ.
 
     mclust can leave mixture components without a spot, and k-means can leave a centroid
     without one on duplicated points: the labels then hold fewer clusters than asked for."""
     found = clusters_found(labels)
     if found != requested:
-        (log or _log).warning(f"{where}: {method} returned {found} non-empty clusters, {requested} were requested; "
+        (logger or _log).warning(f"{where}: {method} returned {found} non-empty clusters, {requested} were requested; "
                               "n_clusters_found is recorded and the clustering_method_as_requested check fails")
     return {"n_clusters_requested": int(requested), "n_clusters_found": found}
 
 
 def leiden_labels(values: np.ndarray, n_clusters: int, seed: int = 0, n_neighbors: int = 15,
-                  where: str = "leiden", log=None) -> tuple[np.ndarray, dict]:
+                  where: str = "leiden", logger=None) -> tuple[np.ndarray, dict]:
     """Leiden on the k-NN graph of the embedding, resolution bisected until it yields
     ``n_clusters`` communities (the usual way to compare it with fixed-K methods).
 
     When 40 bisection steps find no resolution giving exactly ``n_clusters``, the partition
-    closest to it is returned, a WARNING is logged (``log``, else this module's logger), and
+    closest to it is returned, a WARNING is logged (``logger``, else this module's logger), and
     ``info`` says so: ``n_found`` (the clusters it has) and ``resolution_search`` =
     ``"closest"`` (``"exact"`` when the count was hit)."""
     import igraph as ig
@@ -200,7 +200,7 @@ def leiden_labels(values: np.ndarray, n_clusters: int, seed: int = 0, n_neighbor
             high = mid
     found = clusters_found(best)
     if found != n_clusters:
-        (log or _log).warning(
+        (logger or _log).warning(
             f"{where}: leiden's resolution search (0.01 to 5.0, 40 bisections) found no partition with "
             f"{n_clusters} clusters; using the closest, {found} clusters at resolution {best_res:.5f}")
     return best, {"resolution": round(best_res, 5), "n_found": found,

@@ -131,6 +131,7 @@ def scan_clustering(
     self_label_epochs: int = 0,
     confidence_threshold: float = 0.99,
     progress: ProgressCallback | None = None,
+    logger: logging.Logger | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """SCAN (Van Gansbeke et al. 2020) on a spot embedding.
 
@@ -148,7 +149,9 @@ def scan_clustering(
        mostly sharpens the head's own confident predictions.
 
     labels = argmax of the kept head; embedding = the backbone output (``hidden_dim``
-    features, the head's penultimate layer).
+    features, the head's penultimate layer). The argmax can leave clusters without a spot
+    (the head collapsed onto fewer clusters): that is logged at WARNING (``logger``, else this
+    module's logger) and ``info["n_clusters_found"]`` holds the clusters that have spots.
     """
     method = "scan"
     x_np = check_embedding(f"{method}: vision embedding", vision)
@@ -238,6 +241,11 @@ def scan_clustering(
             if self_label_epochs > 0:
                 confident_after = float((probs.max(dim=1).values > confidence_threshold).float().mean())
             embedding = features.cpu().numpy().astype(np.float32, copy=False)
+    n_found = int(np.unique(labels).size)
+    if n_found < n_clusters:
+        (logger or log).warning(
+            f"{method}: the kept head (head {best_head}) puts the {n} spots in {n_found} of the {n_clusters} "
+            "requested clusters; the labels have fewer clusters than requested")
     info = {
         "method": method,
         "epochs": int(epochs),
@@ -252,7 +260,7 @@ def scan_clustering(
         "confident_fraction_before_self_label": confident_before,
         "confident_fraction_after_self_label": confident_after,
         "n_clusters": int(n_clusters),
-        "n_clusters_used": int(np.unique(labels).size),
+        "n_clusters_found": n_found,
         "n_neighbors": int(n_neighbors),
         "hidden_dim": int(hidden_dim),
         "n_heads": int(n_heads),

@@ -30,6 +30,7 @@ It has to be asked for: the default image mode refuses a missing image.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -37,6 +38,8 @@ from typing import Callable
 import numpy as np
 
 from . import normalize
+
+log = logging.getLogger(__name__)
 
 
 IMAGE_MODES = ("image", "none")
@@ -106,10 +109,25 @@ def image_components(image_std: np.ndarray, n_pcs: int, seed: int) -> np.ndarray
     return PCA(n_components=n_pcs, random_state=seed).fit_transform(image_std)
 
 
+def pseudo_label_k_for(k: int, n_spots: int, logger: logging.Logger | None = None) -> int:
+    """The k that k-means of the image PCs can use: ``k``, or the number of spots when there are
+    fewer (then every spot is its own pseudo-label and no negative is excluded); that clamp is
+    logged at WARNING (``logger``, else this module's logger)."""
+    if k <= n_spots:
+        return k
+    (logger or log).warning(
+        f"staig_fusion: pseudo_label_k={k} but the slide has {n_spots} spots; k-means of the image PCs uses "
+        f"k={n_spots}, every spot its own pseudo-label, so the loss excludes no same-pseudo-label negative")
+    return n_spots
+
+
 def image_pseudo_labels(image_pcs: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means (``k`` clusters, at most one per spot: see :func:`pseudo_label_k_for`) of the image PCs."""
     from sklearn.cluster import KMeans
 
-    k = min(k, image_pcs.shape[0])
+    if k > image_pcs.shape[0]:
+        raise ValueError(f"image_pseudo_labels: k={k} pseudo-labels for {image_pcs.shape[0]} spots; "
+                         "pass pseudo_label_k_for(k, n_spots)")
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(image_pcs)
 
 
@@ -331,8 +349,14 @@ def staig_fusion(
     config: StaigConfig = StaigConfig(),
     device: str = "cpu",
     progress: Callable[[int, int, float], None] | None = None,
+    logger: logging.Logger | None = None,
 ) -> tuple[np.ndarray, dict]:
     """The 64-d STAIG embedding of each spot, and what ran (epochs, final loss, seconds, ...).
+
+    On a slide with fewer spots than ``config.pseudo_label_k`` k-means uses one pseudo-label
+    per spot; ``info`` then has ``pseudo_label_k_used`` below ``pseudo_label_k`` and the clamp
+    is logged at WARNING (``logger``, else this module's logger), as is a k-means that leaves
+    pseudo-labels without a spot (``n_pseudo_labels`` below ``pseudo_label_k_used``).
 
     ``config.image_mode == "image"`` (the default): ``image_embedding_raw`` is the stored
     encoder output (spots x dims); it is standardized here, once, and drives the edge dropping
@@ -374,10 +398,15 @@ def staig_fusion(
         image_std = normalize.standardize(image)
         image_pcs = image_components(image_std, config.pseudo_label_pcs, config.seed)
         drop_p = edge_drop_probabilities(edges, image_pcs)
-        pseudo = image_pseudo_labels(image_pcs, config.pseudo_label_k, config.seed)
+        k_used = pseudo_label_k_for(config.pseudo_label_k, n, logger)
+        pseudo = image_pseudo_labels(image_pcs, k_used, config.seed)
+        if len(np.unique(pseudo)) < k_used:
+            (logger or log).warning(f"staig_fusion: k-means of the image PCs gave {len(np.unique(pseudo))} non-empty "
+                                    f"pseudo-labels of the {k_used} asked for (duplicated image embeddings?)")
     else:
         drop_p = uniform_edge_drop_probabilities(edges, n)
         pseudo = None
+        k_used = None
 
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -480,6 +509,7 @@ def staig_fusion(
         "edge_dropping": "image_distance" if use_image else "uniform",
         "pseudo_labels": "kmeans_image_pcs" if use_image else "none",
         "mean_edge_drop_probability": float(drop_p.mean()),
+        "pseudo_label_k_used": k_used,  # None without an image (no pseudo-labels)
         "n_pseudo_labels": int(len(np.unique(pseudo))) if pseudo is not None else 0,
         "input_genes": int(hvg.shape[1]),
     }

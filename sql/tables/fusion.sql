@@ -40,7 +40,12 @@ CREATE TABLE IF NOT EXISTS clustering_metrics (
     -- (auto / cuda / cpu), the device it ran on (cuda / cpu), what configured a GPU ('' = nothing)
     device_requested        VARCHAR,
     device_used             VARCHAR,
-    gpu_expected_by         VARCHAR
+    gpu_expected_by         VARCHAR,
+    -- STAIG (image mode) representations: pseudo_label_k asked for, the k k-means used (clamped
+    -- to the spot count), non-empty pseudo-labels; NULL for every other representation
+    pseudo_label_k_requested INTEGER,
+    pseudo_label_k_used      INTEGER,
+    n_pseudo_labels          INTEGER
 );
 -- Databases written before replicates were a matrix dimension.
 ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS replicate INTEGER;
@@ -52,3 +57,7 @@ ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS n_clusters_found INTEGER
 ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS device_requested VARCHAR;
 ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS device_used VARCHAR;
 ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS gpu_expected_by VARCHAR;
+-- Databases written before STAIG's pseudo-label counts were recorded (their rows read NULL).
+ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS pseudo_label_k_requested INTEGER;
+ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS pseudo_label_k_used INTEGER;
+ALTER TABLE clustering_metrics ADD COLUMN IF NOT EXISTS n_pseudo_labels INTEGER;

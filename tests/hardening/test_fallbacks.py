@@ -20,6 +20,7 @@ from mihd_assets.embeddings import assets as emb
 from mihd_assets.embeddings.store import SpotEmbedding
 from mihd_assets.fusion import assets as fa
 from mihd_assets.fusion import clustering as cl
+from mihd_assets.fusion import image_only, staig
 from mihd_assets.fusion.store import SpotLabels
 from mihd_assets.matrix import MATRIX
 from mihd_assets.slides import assets as slides
@@ -244,3 +245,103 @@ def test_explicit_cpu_with_nothing_expecting_a_gpu_passes_the_device_check():
     facts = ComputeResource(device="cpu").settings().device_facts(logging.getLogger("x"), "x", True, "")
     check = device_check_result(AssetKey(["fusion", "x"]), facts)
     assert check.passed and check.description == "no GPU was requested: compute.device='cpu'; ran on cpu"
+
+
+# ---------------------------------------------------------------- 3. SCAN collapse, STAIG pseudo-label k
+
+def two_points(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
+    """``n`` spots on two distinct points: any network maps them to two outputs at most."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(2, d))
+    return np.where((np.arange(n) % 2 == 0)[:, None], a, b).astype(np.float32)
+
+
+def test_scan_whose_head_collapses_warns_and_reports_the_clusters_found(caplog):
+    with caplog.at_level(logging.WARNING, logger=image_only.__name__):
+        labels, _, info = image_only.scan_clustering(two_points(40), 5, epochs=2, hidden_dim=16, n_heads=2,
+                                                     n_neighbors=5, batch_size=20)
+    assert info["n_clusters"] == 5 and info["n_clusters_found"] == np.unique(labels).size <= 2
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"in {info['n_clusters_found']} of the 5 requested clusters" in record.getMessage()
+
+
+SCAN = next(a for a in fa.image_only_clusterings if a.key.path[-1] == f"image_only__scan__{MATRIX.image_only_vision}")
+
+
+def test_collapsed_scan_clustering_fails_the_method_check_and_is_in_duckdb(env):
+    instance, resources, store, raw, database = env
+    path = store / "embeddings" / f"vision_{MATRIX.image_only_vision}" / "demo_01.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    SpotEmbedding(two_points(raw.n_obs), list(raw.obs_names), {"weights": "random"}).save(path)
+    vision = next(a for a in emb.vision_embeddings if a.key == fa.vision_input_key(MATRIX.image_only_vision))
+    result = materialize([slides.raw_slide, vision, SCAN], partition_key="demo_01", instance=instance,
+                         resources=resources, selection=[SCAN.key])
+    assert result.success
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    requested = fa.cluster_count("demo_01", raw.obs["truth"])[0]
+    method = checks[fa.METHOD_CHECK]
+    assert not method.passed and method.severity.value == "WARN"
+    found = method.metadata["n_clusters_found"].value
+    assert found <= 2 and method.description == f"{found} non-empty clusters found, {requested} requested"
+    assert checks[DEVICE_CHECK].passed  # compute.device='cpu', nothing expects a GPU
+    meta = result.asset_materializations_for_node(SCAN.node_def.name)[0].metadata
+    assert meta["n_clusters_requested"].value == requested and meta["n_clusters_found"].value == found
+    assert any(f"requested clusters; the labels have fewer" in m for m in _warnings(instance, result.run_id))
+
+    stored = SpotLabels.load(store / "clustering" / SCAN.key.path[-1] / "demo_01.npz")
+    with build_asset_context(partition_key="demo_01", resources={"metrics": resources["metrics"]},
+                             instance=instance) as context:
+        _metrics_of(SCAN.key)(context, labels=stored, raw=raw)
+    with duckdb.connect(str(database), read_only=True) as con:
+        row = con.execute("SELECT n_clusters_requested, n_clusters_found, device_requested, device_used "
+                          "FROM clustering_metrics WHERE refinement = 'none'").fetchone()
+    assert row == (requested, found, "cpu", "cpu")
+
+
+def small_slide(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    pre = ad.AnnData(rng.poisson(2.0, size=(n, 12)).astype(np.float32))
+    pre.obs_names = [f"spot{i}" for i in range(n)]
+    pre.obsm["spatial"] = rng.uniform(0, 100, size=(n, 2))
+    return pre, rng.normal(size=(n, 6))
+
+
+def test_staig_pseudo_label_k_clamped_to_the_spots_warns_and_says_so(caplog):
+    pre, image = small_slide(30)
+    with caplog.at_level(logging.WARNING, logger=staig.__name__):
+        _, info = staig.staig_fusion(pre.X, pre.obsm["spatial"], image, staig.StaigConfig(epochs=2))
+    assert (info["pseudo_label_k"], info["pseudo_label_k_used"], info["n_pseudo_labels"]) == (80, 30, 30)
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "pseudo_label_k=80 but the slide has 30 spots" in record.getMessage()
+
+
+def test_staig_asset_with_clamped_k_fails_its_check_and_the_clustering_rows_record_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIHD_PROFILE", "demo")
+    monkeypatch.setattr(fa, "DEMO_STAIG_EPOCHS", 5)
+    pre, image = small_slide(30)
+    vision = SpotEmbedding(image, list(pre.obs_names), {"weights": "random"})
+    (staig_asset,) = [a for a in fa.staig_fusion_embeddings if a.key == fa.fusion_key(fa.STAIG_NAME)]
+    resources = {"compute": ComputeResource(device="cpu"), "step_executor": StepExecutor()}
+    with build_asset_context(partition_key="small", resources=resources) as context:
+        output, device_check, pseudo_check = list(staig_asset(context, pre=pre, vision=vision))
+    assert device_check.check_name == DEVICE_CHECK and device_check.passed
+    assert pseudo_check.check_name == fa.PSEUDO_LABEL_CHECK and not pseudo_check.passed
+    assert pseudo_check.severity.value == "WARN"
+    assert pseudo_check.description == "pseudo_label_k=80 clamped to 30, the slide's number of spots"
+    assert output.metadata["pseudo_label_k"].value == 80 and output.metadata["pseudo_label_k_used"].value == 30
+
+    # The clusterings of the STAIG embedding carry the facts into clustering_metrics.
+    fused = output.value
+    raw = ad.AnnData(np.zeros((30, 1), dtype=np.float32))
+    raw.obs_names = pre.obs_names
+    raw.obsm["spatial"] = pre.obsm["spatial"]
+    clustering = _clustering(f"{fa.STAIG_NAME}__kmeans")
+    with build_asset_context(partition_key="small", resources={"clustering": ClusteringResource()}) as context:
+        labels = next(iter(clustering(context, embedding=fused, raw=raw))).value
+    metrics = MetricsStore(duckdb=DuckDBResource(database=str(tmp_path / "m.duckdb")))
+    with build_asset_context(partition_key="small", resources={"metrics": metrics}) as context:
+        _metrics_of(clustering.key)(context, labels=labels, raw=raw)
+    with duckdb.connect(str(tmp_path / "m.duckdb"), read_only=True) as con:
+        rows = set(con.execute("SELECT pseudo_label_k_requested, pseudo_label_k_used, n_pseudo_labels, "
+                               "device_requested, device_used FROM clustering_metrics").fetchall())
+    assert rows == {(80, 30, 30, "cpu", "cpu")}
