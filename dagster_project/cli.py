@@ -176,6 +176,12 @@ def cmd_sql(args) -> int:
         return 1
     try:
         frame = read_only_query(database, sql)
+    except duckdb.PermissionException as exc:  # a statement or a file outside what mihd sql may touch
+        print(f"mihd sql: refused in {database}: {exc}\n"
+              "mihd sql runs SELECT statements only, and reads only the metrics database and its Parquet folder "
+              f"({metrics_dir_for(database)}); other files, COPY, EXPORT, ATTACH, SET, INSTALL/LOAD are refused",
+              file=sys.stderr)
+        return 1
     except duckdb.Error as exc:  # a wrong column, table or syntax: DuckDB's message is the answer
         print(f"mihd sql: {type(exc).__name__} in {database}: {exc}", file=sys.stderr)
         return 1

@@ -501,10 +501,66 @@ class MetricsStore(ConfigurableResource):
                                       context.run_id, code_version)
 
 
+# The statements read_only_query runs. EXPLAIN is not among them: EXPLAIN ANALYZE runs the
+# statement it explains, a COPY ... TO included.
+QUERY_STATEMENTS = (duckdb.StatementType.SELECT,)
+
+
+def catalog_metrics_dir(con: duckdb.DuckDBPyConnection, catalog: str) -> str | None:
+    """The Parquet folder the views of the attached ``catalog`` read (None when it is not a catalog)."""
+    found = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_catalog = ? AND table_name = ?",
+                        [catalog, CATALOG_TABLE]).fetchone()
+    if not found[0]:
+        return None
+    row = con.execute(f'SELECT metrics_dir FROM "{catalog}".{CATALOG_TABLE} LIMIT 1').fetchone()
+    return row[0] if row else None
+
+
+def sandboxed_connection(database: str | Path) -> duckdb.DuckDBPyConnection:
+    """A connection that reads ``database`` (attached read-only, under its file stem, as
+    ``duckdb.connect`` names it) and no file but it and, for a catalog, the Parquet files
+    under its metrics folder.
+
+    ``allowed_directories`` names the metrics folder, ``enable_external_access=false`` shuts
+    every other file (``read_csv('/etc/passwd')``, ``COPY ... TO``, ``ATTACH``, extensions), and
+    ``lock_configuration=true`` keeps SQL run on the connection from changing them back. The
+    settings belong to a database instance, so the connection is its own in-memory instance
+    with the file attached: other connections of the process are not restricted."""
+    database = Path(database)
+    name = database.stem if database.stem not in ("memory", "system", "temp") else f"{database.stem}_catalog"
+    quoted = '"' + name.replace('"', '""') + '"'
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"ATTACH {_sql_literal(str(database))} AS {quoted} (READ_ONLY)")
+        con.execute(f"USE {quoted}")
+        metrics_dir = catalog_metrics_dir(con, name)
+        if metrics_dir:
+            con.execute(f"SET allowed_directories = [{_sql_literal(metrics_dir.rstrip('/') + '/')}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
 def read_only_query(database: str | Path, sql: str) -> pd.DataFrame:
-    """Run ``sql`` on a read-only connection (writes raise) and return a DataFrame."""
+    """Run ``sql`` on a :func:`sandboxed_connection` and return the last statement's rows.
+
+    Only SELECT statements run (``DESCRIBE``, ``SHOW``, ``SUMMARIZE``, ``PRAGMA show_tables``
+    and ``FROM t`` are SELECTs); any other statement (a write, ``COPY``, ``EXPORT``, ``ATTACH``,
+    ``SET``, ``INSTALL``/``LOAD``, ``EXPLAIN``) is refused with ``duckdb.PermissionException``
+    before anything runs. Reading a file outside the catalog's metrics folder raises DuckDB's
+    own PermissionException."""
     database = Path(database)
     if not database.is_file():
         raise FileNotFoundError(f"no DuckDB database at {database}; run `make demo` (or materialize assets) first")
-    with duckdb.connect(str(database), read_only=True) as con:
+    for i, statement in enumerate(duckdb.extract_statements(sql), start=1):
+        if statement.type not in QUERY_STATEMENTS:
+            text = " ".join(statement.query.split())
+            raise duckdb.PermissionException(
+                f"read-only: only SELECT statements run on the metrics database; statement {i} is "
+                f"{statement.type.name} ({text[:80]!r}): refused, nothing was run"
+            )
+    with sandboxed_connection(database) as con:
         return con.execute(sql).df()
