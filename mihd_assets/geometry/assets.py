@@ -108,7 +108,9 @@ def geometry_training_set(context: AssetExecutionContext, store: GeometryStore, 
 
 
 class CheckpointConfig(Config):
-    """``steps`` 0 = the size's default; ``restart`` ignores a resumable checkpoint."""
+    """``steps``: 0 = the size's default. ``restart``: train from scratch, moving the existing
+    checkpoint aside (``<name>.incompatible-<time>`` or ``<name>.restart-<time>``); without it, a
+    checkpoint that cannot be resumed fails the step, naming the file and why."""
 
     steps: int = 0
     restart: bool = False
@@ -149,9 +151,6 @@ def geometry_checkpoint(context: AssetExecutionContext, config: CheckpointConfig
         denoiser_blocks=size.denoiser_blocks,
     )
     ckpt = store.path(CHECKPOINT)
-    if config.restart and ckpt.exists():
-        context.log.warning(f"restart requested: removing {ckpt}")
-        ckpt.unlink()
     # The frozen encoder travels with the checkpoint, so new data can be encoded the same way.
     extra = {"encoder": ts.encoder, "slides": {"train": ts.slide_ids("train"), "heldout": ts.slide_ids("heldout")}}
 
@@ -161,7 +160,7 @@ def geometry_checkpoint(context: AssetExecutionContext, config: CheckpointConfig
         if device.type == "cpu" and size.name != "tiny":
             log.warning(f"geometry size '{size.name}' on CPU: expect hours; MIHD_GEOMETRY_SIZE=tiny is the CPU size")
         return train(ts, model_cfg, train_cfg, ckpt, fingerprint, device=device, amp=amp, log=log.info,
-                     extra=extra), device, amp
+                     extra=extra, restart=config.restart, warn=log.warning), device, amp
 
     result, device, amp = step_executor.run(context, "geometry", work)
     record = {
@@ -171,6 +170,8 @@ def geometry_checkpoint(context: AssetExecutionContext, config: CheckpointConfig
         "target_steps": train_cfg.steps,
         "resumed_from_step": result.resumed_from_step,
         "resume_note": result.resume_note,
+        "restarted_from_incompatible": result.restarted_from_incompatible,
+        "moved_aside_to": result.moved_aside_to,
         "losses": result.last_losses,
         "sigma_data": round(ts.sigma_data, 5),
         "sigma_gen": None if result.sigma_gen is None else round(result.sigma_gen, 5),

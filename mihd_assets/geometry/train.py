@@ -8,6 +8,13 @@ configs and training set continues from it and, every draw coming from the saved
 generator, ends where an uninterrupted run would have. A non-finite loss stops training
 with an error and writes nothing, so the file on disk stays the last good checkpoint.
 
+A checkpoint that cannot be resumed (another architecture, objective, model or training
+config, training set, a step beyond the requested one, or a file that fails to load) stops
+training with :class:`IncompatibleCheckpointError` naming the file and the reason; the file
+is left as it is. With ``restart=True`` the file is moved aside to
+``<name>.incompatible-<UTC time>`` (a resumable one to ``<name>.restart-<UTC time>``) and
+training starts fresh, logged as a warning: no checkpoint is ever overwritten by a new run.
+
 The file holds tensors and plain values only (str, int, float, bool, None in dicts, lists and
 tuples; numpy arrays are stored as tensors, string arrays as lists), tagged with
 ``CHECKPOINT_FORMAT``, and is read with ``torch.load(weights_only=True)``: reading a
@@ -18,7 +25,9 @@ crafted pickle, or a checkpoint written before this format) is refused, never lo
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import math
+import os
 import pickle
 import re
 import time
@@ -53,6 +62,10 @@ class CheckpointFormatError(CheckpointMismatchError):
     """A file that is not a weights-only geometry checkpoint of ``CHECKPOINT_FORMAT``; it was not loaded."""
 
 
+class IncompatibleCheckpointError(CheckpointMismatchError):
+    """A checkpoint that this run cannot resume; it is kept unchanged. The message names the file and why."""
+
+
 # Written into every checkpoint; a file without it (an older format) is refused.
 CHECKPOINT_FORMAT = "mihd-geometry-checkpoint-weights-only-1"
 
@@ -72,6 +85,8 @@ class TrainResult:
     last_losses: dict
     history: list[dict] = field(default_factory=list)
     sigma_gen: float | None = None  # the generator's RMS error the refiner is matched to
+    restarted_from_incompatible: bool = False  # restart=True moved a checkpoint that could not be resumed aside
+    moved_aside_to: str | None = None  # where restart=True moved the previous checkpoint
 
 
 def set_batch(ts: GeometryTrainingSet, sets: GeometrySets, rows: np.ndarray, device) -> tuple[torch.Tensor, ...]:
@@ -252,6 +267,20 @@ def read_checkpoint(path: str | Path) -> dict:
     return saved
 
 
+def move_aside(path: Path, label: str) -> Path:
+    """Rename ``path`` to ``<name>.<label>-<UTC time>`` beside it, never replacing an existing file."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    for n in range(1000):
+        target = path.with_name(f"{path.name}.{label}-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            os.link(path, target)  # fails if target exists: no file is ever replaced
+        except FileExistsError:
+            continue
+        path.unlink()
+        return target
+    raise FileExistsError(f"cannot move {path} aside: 1000 names {path.name}.{label}-{stamp}-N exist")
+
+
 def load_state_strict(model: torch.nn.Module, state: dict, source: str) -> None:
     """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error naming them."""
     parts = state_dict_mismatch(model.state_dict(), state)
@@ -294,11 +323,17 @@ def train(
     amp: bool = False,
     log: Callable[[str], None] = print,
     extra: dict | None = None,
+    restart: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train (or resume) until ``cfg.steps``; the final state is in ``checkpoint_path``.
 
-    ``extra`` is stored in the checkpoint as is (e.g. the frozen encoder and the slides).
+    ``extra`` is stored in the checkpoint (e.g. the frozen encoder and the slides). An existing
+    checkpoint that cannot be resumed raises :class:`IncompatibleCheckpointError` unless
+    ``restart``; with ``restart`` any existing checkpoint is moved aside (:func:`move_aside`),
+    reported through ``warn`` (default ``log``), and training starts fresh.
     """
+    warn = warn or log
     device = torch.device(device)
     checkpoint_path = Path(checkpoint_path)
     torch.manual_seed(cfg.seed)
@@ -308,10 +343,29 @@ def train(
     step, history, seconds_before, note = 0, [], 0.0, "no checkpoint found: fresh start"
     sigma_gen: float | None = None  # running mean of the generator's RMS error (noise matching)
 
+    restarted_from_incompatible, moved_aside_to = False, None
     if checkpoint_path.is_file():
-        saved = read_checkpoint(checkpoint_path)
-        why_not = _compatible(saved, model_cfg, cfg, fingerprint)
-        if why_not is None:
+        try:
+            saved = read_checkpoint(checkpoint_path)
+            why_not = _compatible(saved, model_cfg, cfg, fingerprint)
+        except CheckpointMismatchError as exc:  # unreadable, crafted or of an older format: not resumable
+            saved, why_not = None, str(exc)
+        if why_not is not None and not restart:
+            raise IncompatibleCheckpointError(
+                f"geometry checkpoint {checkpoint_path} cannot be resumed: {why_not}. The file is kept as it is; to "
+                "train from scratch, rematerialize geometry/geometry_checkpoint with run config `restart: true` "
+                "(the old file is then moved aside, not overwritten)"
+            )
+        if why_not is not None:
+            moved_aside_to = move_aside(checkpoint_path, "incompatible")
+            restarted_from_incompatible = True
+            note = f"existing checkpoint not resumed ({why_not}); restart requested: moved to {moved_aside_to}, fresh start"
+            warn(f"geometry training: {note}")
+        elif restart:
+            moved_aside_to = move_aside(checkpoint_path, "restart")
+            note = f"restart requested: checkpoint at step {saved['step']} moved to {moved_aside_to}, fresh start"
+            warn(f"geometry training: {note}")
+        else:
             load_state_strict(model, saved["model"], str(checkpoint_path))
             optimizer.load_state_dict(saved["optimizer"])
             generator.set_state(saved["rng_state"])
@@ -319,9 +373,7 @@ def train(
             sigma_gen = saved.get("sigma_gen")
             seconds_before = float(saved.get("seconds", 0.0))
             note = f"resumed from step {step}"
-        else:
-            note = f"existing checkpoint not resumed ({why_not}): fresh start"
-        log(f"geometry training: {note}")
+            log(f"geometry training: {note}")
     resumed_from = step
 
     train_sets, sd = ts.train, ts.sigma_data
@@ -365,4 +417,5 @@ def train(
             log(f"geometry step {step}/{cfg.steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint(checkpoint_path, payload())
-    return TrainResult(step, resumed_from, note, seconds_before + time.perf_counter() - started, last, history, sigma_gen)
+    return TrainResult(step, resumed_from, note, seconds_before + time.perf_counter() - started, last, history, sigma_gen,
+                       restarted_from_incompatible, None if moved_aside_to is None else str(moved_aside_to))

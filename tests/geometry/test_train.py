@@ -17,6 +17,7 @@ from mihd_assets.geometry.config import TrainConfig
 from mihd_assets.geometry.models import GeometryModel, ModelConfig
 from mihd_assets.geometry.train import (
     CheckpointMismatchError,
+    IncompatibleCheckpointError,
     NonFiniteLossError,
     checkpoint_sigma_gen,
     compute_losses,
@@ -152,14 +153,18 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_ends_like_an_uninterrup
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
 
-def test_changed_settings_or_data_start_over_and_say_why(small_training_set, tmp_path):
+def test_changed_settings_or_data_are_refused_unless_restart_and_say_why(small_training_set, tmp_path):
     ckpt = tmp_path / "c.pt"
     train(small_training_set, MODEL, replace(CFG, steps=20), ckpt, "fp", log=_quiet)
     more = train(small_training_set, MODEL, replace(CFG, steps=40), ckpt, "fp", log=_quiet)
     assert more.resumed_from_step == 20  # more steps: continue
-    other_lr = train(small_training_set, MODEL, replace(CFG, steps=20, lr=1e-4), ckpt, "fp", log=_quiet)
+    with pytest.raises(IncompatibleCheckpointError, match=r"c\.pt cannot be resumed: training settings differ: \['lr'\]"):
+        train(small_training_set, MODEL, replace(CFG, steps=20, lr=1e-4), ckpt, "fp", log=_quiet)
+    other_lr = train(small_training_set, MODEL, replace(CFG, steps=20, lr=1e-4), ckpt, "fp", log=_quiet, restart=True)
     assert other_lr.resumed_from_step == 0 and "training settings differ: ['lr']" in other_lr.resume_note
-    other_data = train(small_training_set, MODEL, replace(CFG, steps=20, lr=1e-4), ckpt, "other", log=_quiet)
+    with pytest.raises(IncompatibleCheckpointError, match=r"c\.pt cannot be resumed: the training set changed"):
+        train(small_training_set, MODEL, replace(CFG, steps=20, lr=1e-4), ckpt, "other", log=_quiet)
+    other_data = train(small_training_set, MODEL, replace(CFG, steps=20, lr=1e-4), ckpt, "other", log=_quiet, restart=True)
     assert other_data.resumed_from_step == 0 and "training set changed" in other_data.resume_note
 
 

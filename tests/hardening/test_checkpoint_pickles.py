@@ -20,6 +20,7 @@ from mihd_assets.geometry.targets import assemble_training_set
 from mihd_assets.geometry.train import (
     CHECKPOINT_FORMAT,
     CheckpointFormatError,
+    IncompatibleCheckpointError,
     load_model,
     read_checkpoint,
     save_checkpoint,
@@ -71,7 +72,7 @@ def test_checkpoint_with_a_pickle_payload_is_refused_and_runs_nothing(tmp_path, 
         read_checkpoint(evil)
     with pytest.raises(CheckpointFormatError, match=r"geometry_checkpoint\.pt refused"):
         load_model(evil)
-    with pytest.raises(CheckpointFormatError, match=r"geometry_checkpoint\.pt refused"):
+    with pytest.raises(IncompatibleCheckpointError, match=r"geometry_checkpoint\.pt cannot be resumed: .*refused"):
         train(training_set, MODEL, CFG, evil, "fp", log=lambda _m: None)
     assert not marker.exists()
     assert evil.read_bytes() == before  # a file that failed to load is never overwritten
