@@ -171,8 +171,8 @@ def gpu_expectation(context, step_executor, family: str) -> str:
     executor = _job_executor(context)
     pod = context.op_def.tags.get(USER_DEFINED_K8S_CONFIG_KEY)
     if executor is not None and executor.executor_creation_fn is k8s_job_executor.executor_creation_fn and pod:
-        limits = json.loads(pod).get("container_config", {}).get("resources", {}).get("limits", {})
-        gpus = int(limits.get(GPU_RESOURCE, 0))
+        # gpu_op_tags' pod config (StepPodSettings.k8s_config): limits name the GPUs only when there are some
+        gpus = int(json.loads(pod)["container_config"]["resources"]["limits"].get(GPU_RESOURCE, 0))
         if gpus:
             reasons.append(f"the Kubernetes step pod requests {gpus} {GPU_RESOURCE}")
     return "; ".join(reasons)

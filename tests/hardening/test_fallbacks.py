@@ -223,6 +223,22 @@ def test_a_slurm_family_with_gpus_expects_one_and_the_local_executor_does_not(tm
         assert _gpu_probe(context) == ""
 
 
+def test_a_kubernetes_step_pod_with_a_gpu_expects_one():
+    """Runs under the k8s executor cannot execute in-process (execute_in_process swaps the
+    executor), so the step's context is given as the two properties gpu_expectation reads."""
+    from types import SimpleNamespace
+
+    from dagster import in_process_executor
+    from dagster_k8s import k8s_job_executor
+
+    tags = gpu_op_tags(family="fusion")
+    k8s = SimpleNamespace(job_def=SimpleNamespace(executor_def=k8s_job_executor.configured({}, name="mihd_k8s")),
+                          op_def=SimpleNamespace(tags=tags))
+    assert gpu_expectation(k8s, StepExecutor(), "fusion") == "the Kubernetes step pod requests 1 nvidia.com/gpu"
+    local = SimpleNamespace(job_def=SimpleNamespace(executor_def=in_process_executor), op_def=SimpleNamespace(tags=tags))
+    assert gpu_expectation(local, StepExecutor(), "fusion") == ""
+
+
 def test_cpu_run_where_a_gpu_is_expected_warns_and_fails_the_device_check(tmp_path, caplog):
     slurm = StepExecutor(executor="slurm", slurm_config=_slurm_settings(tmp_path, 2))
     with build_asset_context(resources={"step_executor": slurm}) as context:
