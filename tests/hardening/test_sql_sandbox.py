@@ -70,15 +70,18 @@ def test_set_enable_external_access_is_refused(catalog, tmp_path):
     "RESET enable_external_access",
     "SET allowed_directories = ['/']",
     "SET lock_configuration = false",
-    "ATTACH '/tmp/other.duckdb'",
+    "ATTACH '{tmp}/other.duckdb'",
     "INSTALL httpfs",
     "DELETE FROM slide_qc",
-    "EXPORT DATABASE '/tmp/exported'",
+    "EXPORT DATABASE '{tmp}/exported'",
     "SELECT 1; CREATE TEMP TABLE t AS SELECT 1",
 ])
-def test_statements_that_are_not_queries_are_refused(catalog, statement):
+def test_statements_that_are_not_queries_are_refused(catalog, statement, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
     with pytest.raises(duckdb.PermissionException, match="read-only: only SELECT statements run"):
-        ms.read_only_query(catalog, statement)
+        ms.read_only_query(catalog, statement.format(tmp=out))
+    assert list(out.iterdir()) == []
 
 
 def test_the_sandbox_settings_are_locked(catalog):
