@@ -15,10 +15,13 @@ from mihd_assets.embeddings.patches import (
     STAIG_WINDOW_FULLRES,
     PatchImageError,
     SpotPatchDataset,
+    LUMA,
+    STAIG_FILTER_SIZE,
     fft_lowpass,
     highest_resolution_image,
     make_loader,
     spot_pitch,
+    staig_filter,
 )
 from mihd_assets.slides.io import read_visium_slide
 
@@ -157,6 +160,35 @@ def test_filtered_variants_are_low_pass_grey(demo_slide):
         hf[variant] = np.mean([high_frequency_fraction(p.mean(axis=0), above=20) for p in patches])
     assert hf["freq"] < hf["standard"] / 10
     assert hf["staig_strict"] < hf["standard"] / 10
+
+
+def test_filtered_patch_equals_the_filter_applied_as_written(demo_slide):
+    """The dataset converts to grey before resizing to 512 px (cheaper); STAIG resizes the RGB
+    window and converts inside its filter. Both are linear, so the patches agree to float error."""
+    spots, full, _, _ = demo_slide
+    for variant in ("freq", "staig_strict"):
+        ds = SpotPatchDataset(full, spots, 1.0, input_size=224, variant=variant)
+        for i in (0, len(spots) // 2, len(spots) - 1):
+            rgb = torch.from_numpy(ds.window(i)).permute(2, 0, 1)
+            big = torch.nn.functional.interpolate(rgb[None], size=(STAIG_FILTER_SIZE,) * 2, mode="bilinear",
+                                                  align_corners=False, antialias=True)[0]
+            grey = torch.from_numpy(staig_filter(big.permute(1, 2, 0).numpy()))[None, None]
+            small = torch.nn.functional.interpolate(grey, size=(224, 224), mode="bilinear", align_corners=False,
+                                                    antialias=True)[0].expand(3, -1, -1)
+            np.testing.assert_allclose(denormalize(ds[i]), small.numpy(), atol=1e-5)
+    assert LUMA.sum() == pytest.approx(1.0)
+
+
+def test_fft_lowpass_is_the_full_complex_transform_of_a_real_image():
+    rng = np.random.default_rng(0)
+    for shape in ((64, 64), (63, 70)):
+        image = rng.random(shape)
+        h, w = shape
+        fy, fx = np.abs(np.fft.fftfreq(h) * h), np.abs(np.fft.fftfreq(w) * w)
+        keep = (fy[:, None] <= 9) & (fx[None, :] <= 9)
+        reference = np.fft.ifft2(np.fft.fft2(image) * keep)
+        assert np.abs(reference.imag).max() < 1e-12  # the band is symmetric: a real result
+        np.testing.assert_allclose(fft_lowpass(image, cutoff=9), reference.real, atol=1e-6)
 
 
 def test_staig_strict_uses_staigs_window(demo_slide):
