@@ -104,7 +104,9 @@ def test_every_asset_is_under_the_nightly_automation_condition():
     # No asset carries a condition of its own: the sensor's default applies to all of them.
     assert all(graph.get(k).automation_condition is None for k in graph.get_all_asset_keys()
                if graph.get(k).is_materializable)
-    assert not defs.schedules
+    # The backfill is automation, not a schedule; the one schedule is housekeeping that targets no asset.
+    assert [s.name for s in defs.schedules] == ["weekly_metrics_prune"]
+    assert not defs.resolve_job_def(defs.schedules[0].job_name).asset_layer.executable_asset_keys
 
 
 def test_lineage_shows_which_embeddings_feed_which_fusion():
