@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.conftest import BASE_ENV
 from tests.services.dagster_services import stop_group, tail
@@ -203,7 +204,10 @@ def test_webserver_shows_materialized_slide_assets(materialized_home, tmp_path):
     finally:
         stop_group(proc)
 
-    assert graph_png.exists(), f"no lineage screenshot at {graph_png}"
+    # The lineage screenshot is a rendered page at the viewport's width, not a blank one.
+    with Image.open(graph_png) as shot:
+        size, colours = shot.size, len(set(shot.convert("RGB").resize((320, 200)).getdata()))
+    assert size[0] == 1600 and size[1] >= 1000 and colours > 50, f"lineage screenshot {graph_png}: {size}, {colours} colours"
     assert not page_errors, (
         f"uncaught JavaScript errors in the Dagster UI: {page_errors}; screenshots in {tmp_path}; "
         f"webserver log {log}"
