@@ -57,4 +57,9 @@ def plan_for_profile(profile: str | None = None) -> SegmentationPlan:
         plan = replace(plan, marker_threshold=float(os.environ["MIHD_SEG_MARKER_THRESHOLD"]))
     if os.environ.get("MIHD_SEG_EPOCHS"):
         plan = replace(plan, n_epochs=int(os.environ["MIHD_SEG_EPOCHS"]))
+    if plan.n_epochs < 2:
+        # cellpose's train_seg warms its learning rate up from 0: epoch 1 runs at rate 0, so a
+        # one-epoch "fine-tune" returns the base network unchanged.
+        raise ValueError(f"segmentation training needs at least 2 epochs (MIHD_SEG_EPOCHS={plan.n_epochs}): cellpose "
+                         "trains its first epoch at learning rate 0, so one epoch changes no weight")
     return plan
