@@ -30,6 +30,7 @@ from mihd_assets.embeddings.assets import gene_key
 from mihd_assets.fileio import atomic_write_text, file_sha256
 from mihd_assets.slides.assets import RAW_SLIDE, require_tissue_check
 from mihd_resources import ComputeResource, MetricsStore, settings
+from mihd_resources.compute import DEVICE_FACTS, device_check_result, device_check_spec
 from mihd_resources.geometry_store import (
     CHECKPOINT,
     CHECKPOINT_RECORD,
@@ -124,10 +125,12 @@ class CheckpointConfig(Config):
     op_tags=gpu_op_tags(),
     code_version="3",
     kinds={"pytorch"},
+    check_specs=[device_check_spec(CHECKPOINT_KEY)],
     description=(
         "Trained geometry model: ISAB set encoder, generator (direct V) and EDM-preconditioned FiLM denoiser. "
         "State dict, configs, optimizer and RNG state written atomically every N steps; a killed run resumes "
-        "from the last checkpoint. Records step, losses, sigma_data, device and seconds. CPU: tiny size; "
+        "from the last checkpoint. Records step, losses, sigma_data, device (requested, used, what expected a "
+        "GPU) and seconds. CPU: tiny size; "
         "CUDA: bf16 autocast when the compute resource allows AMP."
     ),
 )
@@ -156,13 +159,15 @@ def geometry_checkpoint(context: AssetExecutionContext, config: CheckpointConfig
 
     def work(log):
         device = cs.torch_device()
-        amp = cs.use_amp()
         if device.type == "cpu" and size.name != "tiny":
             log.warning(f"geometry size '{size.name}' on CPU: expect hours; MIHD_GEOMETRY_SIZE=tiny is the CPU size")
-        return train(ts, model_cfg, train_cfg, ckpt, fingerprint, device=device, amp=amp, log=log.info,
-                     extra=extra, restart=config.restart, warn=log.warning), device, amp
+        return train(ts, model_cfg, train_cfg, ckpt, fingerprint, device=device, amp=cs.use_amp(), log=log.info,
+                     extra=extra, restart=config.restart, warn=log.warning)
 
-    result, device, amp = step_executor.run(context, "geometry", work)
+    # The device facts (device_requested, device_used, gpu_expected_by) are the one record of
+    # where the step ran; `device` and `amp_dtype` are read from them.
+    result, facts = compute.run(context, step_executor, "geometry", work)
+    on_cuda = facts["device_used"] == "cuda"
     record = {
         "checkpoint_id": file_sha256(ckpt)[:16],
         "path": str(ckpt),
@@ -177,15 +182,17 @@ def geometry_checkpoint(context: AssetExecutionContext, config: CheckpointConfig
         "sigma_gen": None if result.sigma_gen is None else round(result.sigma_gen, 5),
         "size": size.name,
         "n_parameters": sum(p.numel() for p in GeometryModel(model_cfg).parameters()),
-        "device": str(device),
-        "amp_dtype": "bfloat16" if amp and device.type == "cuda" else "float32",
+        "device": facts["device_used"],
+        **facts,
+        "amp_dtype": "bfloat16" if cs.amp and on_cuda else "float32",
         "seconds": round(result.seconds, 2),
         "training_set_fingerprint": fingerprint[:16],
         "profile": settings.profile(),
     }
     atomic_write_text(store.path(CHECKPOINT_RECORD), json.dumps({**record, "history": result.history}, indent=1))
     context.log.info(f"geometry checkpoint {record['checkpoint_id']} at step {result.step} ({result.resume_note})")
-    return MaterializeResult(metadata=run_record_metadata(record))
+    return MaterializeResult(metadata=run_record_metadata(record),
+                             check_results=[device_check_result(CHECKPOINT_KEY, facts)])
 
 
 def _check_results(frame: pd.DataFrame) -> list[AssetCheckResult]:
@@ -223,6 +230,7 @@ def _check_results(frame: pd.DataFrame) -> list[AssetCheckResult]:
                        description="Refinement (generator -> noise -> Heun) does not lower kNN Jaccard@k."),
         AssetCheckSpec(LOW_SIGMA_SCALE, asset=EVALUATION_KEY,
                        description="One-step denoising keeps the scale (ratio in [0.8, 1.25]) for sigma < 0.1."),
+        device_check_spec(EVALUATION_KEY),
     ],
     description=(
         "Held-out evaluation of the checkpoint: generator, refined (generator -> noise at sigma_refine -> Heun), "
@@ -248,13 +256,15 @@ def geometry_evaluation(context: AssetExecutionContext, compute: ComputeResource
         sigma_gen = checkpoint_sigma_gen(saved, str(ckpt))
         frame = evaluate(model, ts, PLAN, device, amp=cs.use_amp(), batch_size=cs.batch_size, log=log.info,
                          sigma_gen=sigma_gen)
-        return frame, int(saved["step"]), sigma_gen, device
+        return frame, int(saved["step"]), sigma_gen
 
-    frame, step, sigma_gen, device = step_executor.run(context, "geometry", work)
+    (frame, step, sigma_gen), facts = compute.run(context, step_executor, "geometry", work)
     frame.insert(0, "checkpoint_id", file_sha256(ckpt)[:16])
     frame.insert(1, "step", step)
     frame["sigma_data"] = ts.sigma_data
     frame["k"] = PLAN.knn_k
+    for name in DEVICE_FACTS:  # every geometry_metrics row says where the evaluation ran
+        frame[name] = facts[name]
     path = store.path(EVALUATION)
     atomic_write_text(path, frame.to_csv(index=False))
     summary = frame[frame["sigma_bin"] == ""].groupby("method")[["knn_jaccard", "scale_ratio", "trustworthiness"]].mean()
@@ -269,10 +279,11 @@ def geometry_evaluation(context: AssetExecutionContext, compute: ComputeResource
                 "stop": round(refine_stop(PLAN, ts.sigma_data, sigma_gen), 5)}),
             "heldout_slides": MetadataValue.json(ts.slide_ids("heldout")),
             "summary": MetadataValue.md(summary.round(4).to_markdown()),
-            "device": str(device),
+            "device": facts["device_used"],
+            **facts,
             "seconds": round(time.perf_counter() - started, 2),
         },
-        check_results=_check_results(frame),
+        check_results=[*_check_results(frame), device_check_result(EVALUATION_KEY, facts)],
     )
 
 
@@ -284,16 +295,21 @@ def geometry_evaluation(context: AssetExecutionContext, compute: ComputeResource
     kinds={"python", "duckdb"},
     description=(
         "Writes DuckDB `geometry_metrics` (per checkpoint, slide, method and sigma bin) and "
-        "`geometry_training_runs` (step, losses, sigma_data, device, seconds of the checkpoint); "
+        "`geometry_training_runs` (step, losses, sigma_data, device, seconds of the checkpoint); both with "
+        "device_requested / device_used / gpu_expected_by of the GPU step behind the row; "
         "views `geometry_scale_by_sigma` (scale ratio and Jaccard@10 of the one-step denoiser per noise bin) and `geometry_methods_latest`."
     ),
 )
 def geometry_metrics(context: AssetExecutionContext, store: GeometryStore, metrics: MetricsStore) -> MaterializeResult:
     frame = pd.read_csv(store.existing(EVALUATION, "geometry_evaluation"), keep_default_na=False, na_values=[""])
     frame["sigma_bin"] = frame["sigma_bin"].fillna("")
+    if "gpu_expected_by" in frame:  # '' (nothing expected a GPU) is not a missing value
+        frame["gpu_expected_by"] = frame["gpu_expected_by"].fillna("")
     record = json.loads(store.existing(CHECKPOINT_RECORD, "geometry_checkpoint").read_text())
     run = {k: record[k] for k in ("checkpoint_id", "step", "target_steps", "resumed_from_step", "sigma_data",
                                   "size", "n_parameters", "device", "amp_dtype", "seconds", "profile")}
+    # Checkpoints recorded before the device facts existed read NULL.
+    run.update({k: record.get(k) for k in DEVICE_FACTS})
     run["losses"] = json.dumps(record["losses"])
     run["train_slides"] = ",".join(PLAN.train_slides)
     run["heldout_slides"] = ",".join(PLAN.heldout_slides)

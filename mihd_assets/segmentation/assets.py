@@ -29,6 +29,7 @@ from mihd_resources.orchestration import throttled_log
 from mihd_resources.orchestration import GPU_POOL, gpu_op_tags
 from mihd_assets.fileio import atomic_write_bytes, atomic_write_text, file_sha256, tree_fingerprint
 from mihd_resources import ComputeResource, MetricsStore, settings
+from mihd_resources.compute import DEVICE_FACTS, device_check_result, device_check_spec
 from mihd_resources.metrics_store import read_only_query
 from mihd_resources.step_executor import StepExecutor
 from mihd_resources.storage import partition_path
@@ -93,6 +94,13 @@ def _drops_spec(key: AssetKey) -> AssetCheckSpec:
 
 def _progress(context, label: str):
     return throttled_log(context, label)
+
+
+def _device_columns(record: dict) -> dict:
+    """``device_requested`` / ``device_used`` / ``gpu_expected_by`` of a stored record; ``None``
+    each for records written before the GPU steps recorded them (and for the baseline, loaded
+    without a GPU step)."""
+    return {k: record.get(k) for k in DEVICE_FACTS}
 
 
 # ---------------------------------------------------------------- E0
@@ -222,7 +230,7 @@ def _fine_tune_factory(model: str):
 
     @asset(
         key=key, deps=[E0_SET, BASELINE], group_name=GROUP, pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="2",
-        kinds={"pytorch", "cellpose"}, check_specs=[_weights_spec(key), _drops_spec(key)],
+        kinds={"pytorch", "cellpose"}, check_specs=[_weights_spec(key), _drops_spec(key), device_check_spec(key)],
         description=f"E1 `{model}` checkpoint: the baseline fine-tuned with cellpose.train.train_seg on {what}; "
         "the state dict is stored atomically and min_train_masks drops are counted.",
     )
@@ -240,7 +248,7 @@ def _fine_tune_factory(model: str):
                          learning_rate=plan.learning_rate, weight_decay=plan.weight_decay, batch_size=plan.batch_size,
                          min_train_masks=plan.min_train_masks, seed=0, device=cs.torch_device(), progress=log.info)
 
-        result = step_executor.run(context, "segmentation", work)
+        result, facts = compute.run(context, step_executor, "segmentation", work)
         dropped = [data.records[i]["image_id"] for i in result.dropped]
         if dropped:
             context.log.warning(f"{model}: {len(dropped)} training image(s) with < {plan.min_train_masks} masks left out: {dropped}")
@@ -249,13 +257,14 @@ def _fine_tune_factory(model: str):
             "init_weights": base["weights"], "weights": f"finetuned_from:{base['weights']}",
             "n_train_given": result.n_images_given, "n_train_used": result.n_images_used, "dropped_min_masks": dropped,
             "min_train_masks": plan.min_train_masks, "n_epochs": plan.n_epochs, "learning_rate": plan.learning_rate,
-            "final_train_loss": result.train_losses[-1], "seconds": round(result.seconds, 2),
+            "final_train_loss": result.train_losses[-1], "seconds": round(result.seconds, 2), **facts,
         }
         atomic_write_text(store("checkpoints", f"{model}.json"), json.dumps(manifest, indent=1))
         return MaterializeResult(metadata=_metadata(manifest), check_results=[
             _weights_check(key, manifest["weights"], base["weights"]),
             AssetCheckResult(check_name=DROPS_CHECK, asset_key=key, passed=not dropped, severity=AssetCheckSeverity.WARN,
                              metadata={"n_dropped": len(dropped)}),
+            device_check_result(key, facts),
         ])
 
     return _asset
@@ -276,9 +285,9 @@ def _predict_factory(model: str):
 
     @asset(
         key=key, deps=[E0_SET, checkpoint_key(model)], group_name=GROUP, pool=GPU_POOL, op_tags=gpu_op_tags(),
-        code_version="1", kinds={"pytorch", "cellpose"},
+        code_version="1", kinds={"pytorch", "cellpose"}, check_specs=[device_check_spec(key)],
         description=f"E1: instance masks predicted by the `{model}` checkpoint on every test image "
-        "(cellpose eval with the plan's thresholds), stored as .npz.",
+        "(cellpose eval with the plan's thresholds), stored as .npz with the step's device facts.",
     )
     def _asset(context: AssetExecutionContext, compute: ComputeResource, step_executor: StepExecutor) -> MaterializeResult:
         from .cellpose_api import load_model, segment
@@ -293,29 +302,46 @@ def _predict_factory(model: str):
 
         def work(log):
             loaded = load_model(manifest["path"], cs.torch_device())
-            return segment(loaded, test.images, plan.eval), str(loaded.device)
+            return segment(loaded, test.images, plan.eval)
 
-        masks, device = step_executor.run(context, "segmentation", work)
+        masks, facts = compute.run(context, step_executor, "segmentation", work)
         seconds = time.perf_counter() - started
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, **{f"pred_{i:05d}": m for i, m in enumerate(masks)})
+        np.savez_compressed(buffer, **{f"pred_{i:05d}": m for i, m in enumerate(masks)},
+                            **{PREDICTIONS_INFO: np.asarray(json.dumps(facts))})
         atomic_write_bytes(store("e1", f"predictions_{model}.npz"), buffer.getvalue())
         return MaterializeResult(metadata={"model": model, "n_images": len(masks), "n_pred_masks": int(sum(m.max() for m in masks)),
                                            "seconds": round(seconds, 2), "weights": manifest["weights"], "config": manifest["config"],
-                                           "device": device, "eval": MetadataValue.json(plan.describe()["eval"])})
+                                           "device": facts["device_used"], **facts,
+                                           "eval": MetadataValue.json(plan.describe()["eval"])},
+                                 check_results=[device_check_result(key, facts)])
 
     return _asset
 
 
 test_predictions = [_predict_factory(m) for m in MODELS]
+# The predictions file's entry with the device facts of the step that predicted them (JSON).
+PREDICTIONS_INFO = "device_json"
 
 
-def load_predictions(model: str) -> list[np.ndarray]:
+def _predictions_file(model: str) -> Path:
     path = store("e1", f"predictions_{model}.npz")
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: materialize segmentation/e1_test_predictions_{model} first")
-    with np.load(path) as data:
-        return [data[k] for k in sorted(data.files)]
+    return path
+
+
+def load_predictions(model: str) -> list[np.ndarray]:
+    with np.load(_predictions_file(model)) as data:
+        return [data[k] for k in sorted(data.files) if k.startswith("pred_")]
+
+
+def prediction_device(model: str) -> dict:
+    """The device facts of the step that predicted ``model``'s test masks (``None`` each for a
+    file written before they were stored)."""
+    with np.load(_predictions_file(model)) as data:
+        stored = json.loads(str(data[PREDICTIONS_INFO])) if PREDICTIONS_INFO in data.files else {}
+    return _device_columns(stored)
 
 
 def _model_row(experiment: str, manifest: dict) -> dict:
@@ -325,7 +351,8 @@ def _model_row(experiment: str, manifest: dict) -> dict:
             "n_train_given": manifest.get("n_train_given"), "n_train_used": manifest.get("n_train_used"),
             "n_dropped_min_masks": len(manifest.get("dropped_min_masks", [])), "min_train_masks": manifest.get("min_train_masks"),
             "n_epochs": manifest.get("n_epochs"), "learning_rate": manifest.get("learning_rate"),
-            "final_train_loss": manifest.get("final_train_loss"), "seconds": manifest.get("seconds")}
+            "final_train_loss": manifest.get("final_train_loss"), "seconds": manifest.get("seconds"),
+            **_device_columns(manifest)}
 
 
 @asset(
@@ -344,7 +371,7 @@ def e1_segmentation_metrics(context: AssetExecutionContext, metrics: MetricsStor
         manifest = checkpoint_manifest(model)
         scores = score_masks(test.masks, load_predictions(model), ids)
         frames.append(scores.assign(experiment="E1", model=model, variant="", method="cellpose", weights=manifest["weights"],
-                                    config=manifest["config"], profile=manifest["profile"]))
+                                    config=manifest["config"], profile=manifest["profile"], **prediction_device(model)))
         models.append(_model_row("E1", manifest))
         total = scores[scores["level"] == "total"].iloc[0]
         totals[model] = {k: round(float(total[k]), 4) for k in ("ap50", "precision", "recall", "f1")}
@@ -361,7 +388,7 @@ E2_RUNS = seg_key("e2_budget_runs")
 
 @asset(
     key=E2_RUNS, deps=[E0_SET, BASELINE], group_name=GROUP, pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="2",
-    kinds={"pytorch", "cellpose"}, check_specs=[_weights_spec(E2_RUNS), _drops_spec(E2_RUNS)],
+    kinds={"pytorch", "cellpose"}, check_specs=[_weights_spec(E2_RUNS), _drops_spec(E2_RUNS), device_check_spec(E2_RUNS)],
     description="E2 label efficiency: the baseline fine-tuned on budgets of 2, 5, 10, 20, 30 training images "
     "(a seed picks each subset), each scored on the test set; checkpoints and scores stored per run.",
 )
@@ -381,17 +408,20 @@ def e2_budget_runs(context: AssetExecutionContext, compute: ComputeResource, ste
         return budget_runs(log, plan, base, train_set, test, ids, cs.torch_device(), profile,
                            lambda name: store("e2", f"{name}.pt"))
 
-    runs, score_frames, drops = step_executor.run(context, "segmentation", work)
+    (runs, score_frames, drops), facts = compute.run(context, step_executor, "segmentation", work)
+    runs = [{**run, **facts} for run in runs]
     scores = pd.concat(score_frames, ignore_index=True)
     atomic_write_text(store("e2", "runs.json"), json.dumps({"runs": runs}, indent=1))
     atomic_write_bytes(store("e2", "scores.csv"), scores.to_csv(index=False).encode())
     curve = scores[scores["level"] == "total"].groupby("budget")["ap50"].mean().round(4).to_dict()
     return MaterializeResult(
         metadata={"ap50_by_budget": MetadataValue.json({int(k): v for k, v in curve.items()}), "n_runs": len(runs),
-                  "seeds": list(plan.budget_seeds), "weights": runs[0]["weights"], "config": base["config"], "profile": settings.profile()},
+                  "seeds": list(plan.budget_seeds), "weights": runs[0]["weights"], "config": base["config"], "profile": settings.profile(),
+                  **facts},
         check_results=[_weights_check(E2_RUNS, runs[0]["weights"], base["weights"]),
                        AssetCheckResult(check_name=DROPS_CHECK, asset_key=E2_RUNS, passed=drops == 0, severity=AssetCheckSeverity.WARN,
-                                        metadata={"n_dropped": drops})],
+                                        metadata={"n_dropped": drops}),
+                       device_check_result(E2_RUNS, facts)],
     )
 
 
@@ -407,7 +437,7 @@ def e2_budget_metrics(context: AssetExecutionContext, metrics: MetricsStore) -> 
     scores["image_id"] = scores["image_id"].fillna("").astype(str)
     first = runs[0]
     scores = scores.assign(experiment="E2", model="generic", method="cellpose", weights=first["weights"], config=first["config"],
-                           profile=first["profile"])
+                           profile=first["profile"], **_device_columns(first))
     written = metrics.write(context, {"segmentation_metrics": scores, "segmentation_models": [_model_row("E2", r) for r in runs]})
     return MaterializeResult(metadata={"rows_written": MetadataValue.json(written)})
 
@@ -437,8 +467,10 @@ def e3_gating_metrics(context: AssetExecutionContext, metrics: MetricsStore) -> 
             scores = score_masks(test.masks, gated, ids)
             frames.append(scores.assign(variant=f"{name}_a{area}", gating=name, min_area=area))
             best[f"{name}_a{area}"] = round(float(scores.iloc[-1]["f1"]), 4)
+    # The device columns: the GPU step that predicted the gated masks (E3 itself runs on CPU).
     rows = pd.concat(frames, ignore_index=True).assign(experiment="E3", model="generic", method="gating",
-                                                        weights=manifest["weights"], config=manifest["config"], profile=manifest["profile"])
+                                                        weights=manifest["weights"], config=manifest["config"], profile=manifest["profile"],
+                                                        **prediction_device("generic"))
     written = metrics.write(context, {"segmentation_metrics": rows})
     return MaterializeResult(metadata={"f1_by_setting": MetadataValue.json(best), "rows_written": MetadataValue.json(written)})
 
@@ -452,7 +484,9 @@ E4_SWEEP = seg_key(E4_NAME)
 @asset(
     key=E4_SWEEP, deps=[E0_SET, predictions_key("generic")], group_name=GROUP, pool=GPU_POOL, op_tags=gpu_op_tags(),
     code_version="1", kinds={"python", "pytorch"},
-    check_specs=[AssetCheckSpec(NATIVE_CHECK, asset=E4_SWEEP, description="Warns when E4 ran the cellpose proxy instead of micro-sam.")],
+    # The proxy runs no GPU step (it re-scores the generic predictions): device_as_requested only with micro-sam.
+    check_specs=[AssetCheckSpec(NATIVE_CHECK, asset=E4_SWEEP, description="Warns when E4 ran the cellpose proxy instead of micro-sam.")]
+    + ([device_check_spec(E4_SWEEP)] if MICRO_SAM else []),
     description="E4 points-per-side sweep of an automatic mask generator on the test set: micro-sam's AMG when "
     "micro_sam is installed (MIHD_MICROSAM_CHECKPOINT), otherwise a PROXY - the generic cellpose predictions "
     "restricted to instances hit by the point grid - labelled `proxy` in key, metadata and rows.",
@@ -464,7 +498,7 @@ def e4_amg_sweep(context: AssetExecutionContext, compute: ComputeResource, step_
     plan = plan_for_profile()
     test = load_split("test")
     ids = [r["image_id"] for r in test.records]
-    frames = []
+    frames, facts = [], None
     if MICRO_SAM:
         from .amg import microsam_masks
 
@@ -474,9 +508,11 @@ def e4_amg_sweep(context: AssetExecutionContext, compute: ComputeResource, step_
             device = cs.torch_device()
             return [microsam_masks(test.images, pps, device) for pps in plan.points_per_side]
 
-        for pps, predicted in zip(plan.points_per_side, step_executor.run(context, "segmentation", work)):
+        predictions, facts = compute.run(context, step_executor, "segmentation", work)
+        for pps, predicted in zip(plan.points_per_side, predictions):
             frames.append(score_masks(test.masks, predicted, ids).assign(variant=f"pps_{pps}", points_per_side=pps))
         weights, config = f"file:{os.environ.get('MIHD_MICROSAM_CHECKPOINT', '')}", "micro_sam"
+        device = facts
     else:
         context.log.warning("micro_sam is not installed: E4 runs the cellpose PROXY (grid-prompted generic predictions)")
         predictions = load_predictions("generic")
@@ -485,16 +521,19 @@ def e4_amg_sweep(context: AssetExecutionContext, compute: ComputeResource, step_
             frames.append(score_masks(test.masks, [grid_prompted_masks(p, pps) for p in predictions], ids)
                           .assign(variant=f"pps_{pps}", points_per_side=pps))
         weights, config = manifest["weights"], manifest["config"]
+        device = prediction_device("generic")  # the rows' masks: the generic predictions' GPU step
     scores = pd.concat(frames, ignore_index=True).assign(experiment="E4", model="generic" if not MICRO_SAM else "micro_sam",
-                                                          method=E4_METHOD, weights=weights, config=config, profile=settings.profile())
+                                                          method=E4_METHOD, weights=weights, config=config, profile=settings.profile(),
+                                                          **device)
     atomic_write_bytes(store("e4", f"{E4_NAME}.csv"), scores.to_csv(index=False).encode())
     totals = scores[scores["level"] == "total"].set_index("points_per_side")["ap50"].round(4).to_dict()
     return MaterializeResult(
         metadata={"method": E4_METHOD, "proxy": not MICRO_SAM, "ap50_by_points_per_side": MetadataValue.json({int(k): v for k, v in totals.items()}),
-                  "profile": settings.profile()},
+                  "profile": settings.profile(), **(facts or {})},
         check_results=[AssetCheckResult(check_name=NATIVE_CHECK, asset_key=E4_SWEEP, passed=MICRO_SAM, severity=AssetCheckSeverity.WARN,
                                         description=None if MICRO_SAM else "proxy used: micro_sam not installed",
-                                        metadata={"method": E4_METHOD})],
+                                        metadata={"method": E4_METHOD})]
+        + ([device_check_result(E4_SWEEP, facts)] if facts is not None else []),
     )
 
 
@@ -510,6 +549,9 @@ def e4_amg_sweep_metrics(context: AssetExecutionContext, metrics: MetricsStore) 
         raise FileNotFoundError(f"{path} missing: materialize {E4_SWEEP.to_user_string()} first")
     scores = pd.read_csv(path, keep_default_na=False, na_values=[""])
     scores["image_id"] = scores["image_id"].fillna("").astype(str)
+    if "gpu_expected_by" in scores:  # '' (nothing expected a GPU) is not missing where the facts are recorded
+        recorded = scores["device_requested"].notna()
+        scores["gpu_expected_by"] = scores["gpu_expected_by"].astype(object).where(~recorded, scores["gpu_expected_by"].fillna(""))
     written = metrics.write(context, {"segmentation_metrics": scores})
     return MaterializeResult(metadata={"rows_written": MetadataValue.json(written), "method": E4_METHOD})
 
@@ -534,7 +576,7 @@ def donor_tiles_folder(donor: str) -> Path:
     key=E5_COUNTS, deps=[DONOR_TILES, BASELINE, checkpoint_key("generic")], partitions_def=donors_partitions, group_name=GROUP,
     pool=GPU_POOL, op_tags=gpu_op_tags(), code_version="2", kinds={"pytorch", "cellpose"},
     check_specs=[AssetCheckSpec(SKIPPED_CHECK, asset=E5_COUNTS, description="Warns when tiles of the donor were skipped (missing channel, unreadable TIFF)."),
-                 _weights_spec(E5_COUNTS)],
+                 _weights_spec(E5_COUNTS), device_check_spec(E5_COUNTS)],
     description="E5 full inference on every tile of one donor with the baseline and the fine-tuned model: cells and "
     "marker-positive cells per tile. Tiles found by strict .tif/.tiff suffix and channel pairing; unreadable ones skipped and recorded.",
 )
@@ -584,8 +626,9 @@ def e5_tile_counts(context: AssetExecutionContext, compute: ComputeResource, ste
             log.info(f"donor {donor}: {role} ({source}) counted {len(images)} tiles in {info[role]['seconds']} s")
         return rows, info
 
-    rows, info = step_executor.run(context, "segmentation", work)
-    doc = {"donor": donor, "counts": rows, "skipped": [s.as_row() for s in skipped], "models": info}
+    (rows, info), facts = compute.run(context, step_executor, "segmentation", work)
+    rows = [{**row, **facts} for row in rows]  # every tile_counts row says where the counting ran
+    doc = {"donor": donor, "counts": rows, "skipped": [s.as_row() for s in skipped], "models": info, "device": facts}
     atomic_write_text(donor_counts_path(donor), json.dumps(doc))
     frame = pd.DataFrame(rows)
     totals = frame.groupby("model")[["n_cells", "n_positive"]].sum()
@@ -595,11 +638,12 @@ def e5_tile_counts(context: AssetExecutionContext, compute: ComputeResource, ste
                   "cells": MetadataValue.json({m: int(v) for m, v in totals["n_cells"].items()}),
                   "positive": MetadataValue.json({m: int(v) for m, v in totals["n_positive"].items()}),
                   "models": MetadataValue.json(info), "marker_threshold": plan.marker_threshold, "profile": settings.profile(),
-                  "input_fingerprint": tree_fingerprint(folder)},
+                  "input_fingerprint": tree_fingerprint(folder), **facts},
         check_results=[
             AssetCheckResult(check_name=SKIPPED_CHECK, asset_key=E5_COUNTS, passed=not skipped, severity=AssetCheckSeverity.WARN,
                              description="; ".join(f"{s.file}: {s.reason}" for s in skipped) or None, metadata={"n_skipped": len(skipped)}),
             _weights_check(E5_COUNTS, base["weights"]),
+            device_check_result(E5_COUNTS, facts),
         ],
     )
 

@@ -23,7 +23,12 @@ CREATE TABLE IF NOT EXISTS geometry_metrics (
     distance_spearman  DOUBLE,             -- Spearman of all pairwise distances
     trustworthiness    DOUBLE,             -- sklearn trustworthiness at k
     sigma_data         DOUBLE,
-    k                  INTEGER
+    k                  INTEGER,
+    -- The evaluation step: compute.device (auto / cuda / cpu), the device it ran on (cuda / cpu),
+    -- what configured a GPU for it ('' = nothing)
+    device_requested   VARCHAR,
+    device_used        VARCHAR,
+    gpu_expected_by    VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS geometry_training_runs (
@@ -45,5 +50,17 @@ CREATE TABLE IF NOT EXISTS geometry_training_runs (
     profile            VARCHAR,
     losses             VARCHAR,            -- JSON: last logged losses
     train_slides       VARCHAR,
-    heldout_slides     VARCHAR
+    heldout_slides     VARCHAR,
+    -- The training step: compute.device, the device it ran on, what configured a GPU ('' = nothing);
+    -- `device` above is device_used
+    device_requested   VARCHAR,
+    device_used        VARCHAR,
+    gpu_expected_by    VARCHAR
 );
+-- Databases written before the device columns existed (their rows read NULL).
+ALTER TABLE geometry_metrics ADD COLUMN IF NOT EXISTS device_requested VARCHAR;
+ALTER TABLE geometry_metrics ADD COLUMN IF NOT EXISTS device_used VARCHAR;
+ALTER TABLE geometry_metrics ADD COLUMN IF NOT EXISTS gpu_expected_by VARCHAR;
+ALTER TABLE geometry_training_runs ADD COLUMN IF NOT EXISTS device_requested VARCHAR;
+ALTER TABLE geometry_training_runs ADD COLUMN IF NOT EXISTS device_used VARCHAR;
+ALTER TABLE geometry_training_runs ADD COLUMN IF NOT EXISTS gpu_expected_by VARCHAR;

@@ -37,7 +37,12 @@ CREATE TABLE IF NOT EXISTS segmentation_models (
     n_epochs           INTEGER,
     learning_rate      DOUBLE,
     final_train_loss   DOUBLE,
-    seconds            DOUBLE
+    seconds            DOUBLE,
+    -- The fine-tune's GPU step (E1 fine-tunes, E2 runs; NULL for the baseline, loaded without one):
+    -- compute.device (auto / cuda / cpu), the device it ran on (cuda / cpu), what configured a GPU ('' = nothing)
+    device_requested   VARCHAR,
+    device_used        VARCHAR,
+    gpu_expected_by    VARCHAR
 );
 
 -- E1-E4: test-set scores per image (level = 'image') and in total (level = 'total').
@@ -69,7 +74,12 @@ CREATE TABLE IF NOT EXISTS segmentation_metrics (
     fp              INTEGER,
     fn              INTEGER,
     n_true          INTEGER,
-    n_pred          INTEGER
+    n_pred          INTEGER,
+    -- The GPU step that computed the scored masks (E1: the predictions; E2: the budget runs; E3 and
+    -- the E4 proxy: the generic predictions; E4 micro-sam: the sweep): as in segmentation_models
+    device_requested   VARCHAR,
+    device_used        VARCHAR,
+    gpu_expected_by    VARCHAR
 );
 
 -- E5: cells and marker-positive cells per tile and model (one donor partition per write).
@@ -88,7 +98,11 @@ CREATE TABLE IF NOT EXISTS tile_counts (
     marker          VARCHAR,
     n_cells         INTEGER NOT NULL,
     n_positive      INTEGER NOT NULL,
-    marker_threshold DOUBLE
+    marker_threshold DOUBLE,
+    -- The counting step (E5): as in segmentation_models
+    device_requested   VARCHAR,
+    device_used        VARCHAR,
+    gpu_expected_by    VARCHAR
 );
 
 -- E5: tiles that were not counted, with the reason (missing channel, unreadable TIFF, ...).
@@ -155,3 +169,14 @@ CREATE TABLE IF NOT EXISTS e5_bootstrap (
     ci_high          DOUBLE,
     sign_consistency DOUBLE
 );
+
+-- Databases written before the device columns existed (their rows read NULL).
+ALTER TABLE segmentation_models ADD COLUMN IF NOT EXISTS device_requested VARCHAR;
+ALTER TABLE segmentation_models ADD COLUMN IF NOT EXISTS device_used VARCHAR;
+ALTER TABLE segmentation_models ADD COLUMN IF NOT EXISTS gpu_expected_by VARCHAR;
+ALTER TABLE segmentation_metrics ADD COLUMN IF NOT EXISTS device_requested VARCHAR;
+ALTER TABLE segmentation_metrics ADD COLUMN IF NOT EXISTS device_used VARCHAR;
+ALTER TABLE segmentation_metrics ADD COLUMN IF NOT EXISTS gpu_expected_by VARCHAR;
+ALTER TABLE tile_counts ADD COLUMN IF NOT EXISTS device_requested VARCHAR;
+ALTER TABLE tile_counts ADD COLUMN IF NOT EXISTS device_used VARCHAR;
+ALTER TABLE tile_counts ADD COLUMN IF NOT EXISTS gpu_expected_by VARCHAR;

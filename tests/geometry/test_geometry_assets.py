@@ -15,6 +15,7 @@ from mihd_assets.geometry.targets import GeometryTrainingSet
 from mihd_assets.geometry.train import read_checkpoint
 from mihd_assets.slides.assets import raw_slide
 from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
+from mihd_resources.compute import DEVICE_CHECK
 from mihd_resources.geometry_store import CHECKPOINT, TRAINING_SET, GeometryStore
 from mihd_resources.step_executor import StepExecutor
 
@@ -86,8 +87,11 @@ def test_materialize_writes_checkpoint_evaluation_and_duckdb(geometry_home, monk
     assert {"gen_align", "score", "total"} <= set(ck_meta["losses"].value)
     saved = read_checkpoint(root / "storage" / "geometry" / CHECKPOINT)
     assert saved["encoder"]["kind"] == "shared_pca" and len(saved["encoder"]["genes"]) > 10
-    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-    assert set(checks) == {geo.BEATS_BASELINES, geo.REFINED_NOT_WORSE, geo.LOW_SIGMA_SCALE}
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations() if c.asset_key == geo.EVALUATION_KEY}
+    assert set(checks) == {geo.BEATS_BASELINES, geo.REFINED_NOT_WORSE, geo.LOW_SIGMA_SCALE, DEVICE_CHECK}
+    # compute.device='cpu' and nothing expects a GPU: both GPU steps pass device_as_requested
+    assert {c.asset_key: c.passed for c in result.get_asset_check_evaluations() if c.check_name == DEVICE_CHECK} \
+        == {geo.CHECKPOINT_KEY: True, geo.EVALUATION_KEY: True}
 
     with duckdb.connect(str(root / "mihd.duckdb"), read_only=True) as con:
         methods = {r[0] for r in con.execute("SELECT DISTINCT method FROM geometry_metrics").fetchall()}
@@ -136,7 +140,8 @@ def test_evaluation_checks_pass_for_a_winning_checkpoint_and_fail_for_a_losing_o
                              instance=instance)
         assert result.success
         checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-        assert checks == {geo.BEATS_BASELINES: passed, geo.REFINED_NOT_WORSE: passed, geo.LOW_SIGMA_SCALE: passed}
+        assert checks == {geo.BEATS_BASELINES: passed, geo.REFINED_NOT_WORSE: passed, geo.LOW_SIGMA_SCALE: passed,
+                          DEVICE_CHECK: True}
 
 
 def test_per_slide_gene_encoders_are_refused():
