@@ -1,5 +1,6 @@
-"""Slide discovery: every valid slide folder under the data root becomes a partition, and a
-changed folder is observed (a new data version of ``slides/slide_files``)."""
+"""Slide discovery: every valid slide under the data root (a Visium folder, a ``<slide>.h5ad``
+file, or a folder holding one ``.h5ad``) becomes a partition, and a changed one is observed (a
+new data version of ``slides/slide_files``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dagster import (
 from dagster._core.definitions.data_version import extract_data_version_from_entry
 
 from mihd_assets.slides.assets import SLIDE_FILES, slide_input_fingerprint
+from mihd_assets.slides.io import SlideInputError
 from mihd_resources import StorageResource
 from mihd_resources.orchestration import slides_partitions
 
@@ -21,17 +23,23 @@ from .jobs import observe_slides_job
 
 
 def discover_slides(storage: StorageResource, instance: DagsterInstance) -> tuple[list[str], list[str]]:
-    """(new valid slide keys not yet registered, refusal messages for invalid folder names)."""
+    """(new valid slide keys not yet registered, refusal messages for invalid names and ambiguous slides)."""
     valid, refused = storage.scan_slides()
     known = set(instance.get_dynamic_partitions(slides_partitions.name))
     return [k for k in valid if k not in known], refused
 
 
 def changed_slides(storage: StorageResource, instance: DagsterInstance, slides: list[str]) -> list[str]:
-    """Slides whose folder fingerprint differs from the last observed data version of their files."""
+    """Slides whose input fingerprint (folder or .h5ad file) differs from the last observed data
+    version of their files. A slide that is both a file and a folder is not observed: the scan
+    reports it among the refused, which the sensor logs."""
     changed = []
     for slide in slides:
-        if not storage.slide_folder(slide).is_dir():
+        try:
+            source = storage.slide_source(slide)
+        except SlideInputError:
+            continue
+        if not source.exists():
             continue
         record = instance.get_latest_data_version_record(SLIDE_FILES, is_source=True, partition_key=slide)
         version = extract_data_version_from_entry(record.event_log_entry) if record else None
@@ -44,14 +52,15 @@ def changed_slides(storage: StorageResource, instance: DagsterInstance, slides: 
     job=observe_slides_job,
     minimum_interval_seconds=60,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Registers each new slide folder under the data root as a `slides` partition (folder "
-    "names that are not valid keys are refused) and observes `slides/slide_files` when a folder is new or "
+    description="Registers each new slide under the data root (a Visium folder, a `<slide>.h5ad` file or a "
+    "folder holding one `.h5ad`) as a `slides` partition (names that are not valid keys, and a slide that is "
+    "both a file and a folder, are refused) and observes `slides/slide_files` when a slide is new or "
     "changed. The automation sensor then requests what became missing or unsynced.",
 )
 def slide_discovery_sensor(context: SensorEvaluationContext, storage: StorageResource):
     new, refused = discover_slides(storage, context.instance)
     for message in refused:
-        context.log.warning(f"refused slide folder: {message}")
+        context.log.warning(f"refused slide: {message}")
     registered = list(context.instance.get_dynamic_partitions(slides_partitions.name))
     changed = changed_slides(storage, context.instance, registered + new)
     if not changed:

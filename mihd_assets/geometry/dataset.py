@@ -14,6 +14,13 @@ if TYPE_CHECKING:
     import anndata as ad
 
 
+def _coordinate_units(adata: ad.AnnData, slide_id: str) -> str:
+    """The unit of ``obsm["spatial"]`` the slide's reader recorded in
+    ``uns["spatial"][slide]["metadata"]["coordinate_units"]``; "unrecorded" without it."""
+    meta = adata.uns.get("spatial", {}).get(slide_id, {}).get("metadata", {})
+    return str(meta.get("coordinate_units", "unrecorded"))
+
+
 def build_training_set(adatas: Mapping[str, ad.AnnData], plan: GeometryPlan, size: GeometrySize,
                        embeddings: Mapping[str, tuple[np.ndarray, list[str]]] | None = None
                        ) -> GeometryTrainingSet:
@@ -59,7 +66,9 @@ def build_training_set(adatas: Mapping[str, ad.AnnData], plan: GeometryPlan, siz
         "size": size.name,
         "set_size": [size.set_size_min, size.set_size_max],
         "n_spots": {s.slide_id: len(s.obs_names) for s in slides},
-        "coordinates": "full-resolution pixels / slide RMS radius (slide units)",
+        "coordinates": "obsm['spatial'] / slide RMS radius (slide units)",
+        # fullres_px (Visium, or an .h5ad with scale factors) or "file units" (an .h5ad without).
+        "coordinate_units": {sid: _coordinate_units(adatas[sid], sid) for sid in wanted},
         "seed": plan.seed,
     }
     ts = assemble_training_set(slides, plan.dims, size.n_sets_train, size.n_sets_heldout,

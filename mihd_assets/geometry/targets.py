@@ -94,7 +94,7 @@ class SlideData:
     split: str  # "train" or "heldout"
     features: np.ndarray  # (n_spots, d) float32, from the frozen expression encoder
     coords: np.ndarray  # (n_spots, 2) slide units
-    radius_px: float  # RMS radius in full-resolution pixels (slide unit)
+    radius_px: float  # RMS radius in the slide's coordinate units (full-resolution pixels, or an .h5ad's own units)
     obs_names: list[str]
 
 

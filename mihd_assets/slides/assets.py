@@ -22,14 +22,14 @@ from dagster import (
 )
 
 from mihd_resources.orchestration import changed_data_versions, slides_partitions
-from mihd_assets.fileio import file_sha256, tree_fingerprint
+from mihd_assets.fileio import file_sha256
 from mihd_resources import MetricsStore, StorageResource, settings
 
 from .coords import check_slide_images
-from .io import read_visium_slide
+from .io import read_slide
 from .preprocess import PRESETS, preprocess, resolve_steps
 from .qc import slide_qc
-from .versioning import anndata_content_hash
+from .versioning import anndata_content_hash, source_fingerprint
 
 GROUP = "slides"
 SLIDE_FILES = AssetKey(["slides", "slide_files"])
@@ -57,8 +57,9 @@ def require_tissue_check(raw, slide_id: str) -> None:
 
 
 def slide_input_fingerprint(storage: StorageResource, slide_id: str) -> str:
-    """Changes whenever a file of the slide folder changes (path, size, modification time)."""
-    return tree_fingerprint(storage.slide_folder(slide_id))
+    """Changes whenever a file of the slide folder, or the slide's .h5ad file, changes (path,
+    size, modification time)."""
+    return source_fingerprint(storage.slide_source(slide_id))
 
 
 @observable_source_asset(
@@ -67,8 +68,8 @@ def slide_input_fingerprint(storage: StorageResource, slide_id: str) -> str:
     partitions_def=slides_partitions,
     description=(
         "The files of one slide folder under the data root (counts, positions, scale factors, images, "
-        "truth). Its data version is the folder's fingerprint (every file's path, size and modification "
-        "time); a new version makes `raw_slide` of that slide unsynced. Observed by the slide discovery "
+        "truth), or its `<slide>.h5ad` file. Its data version is the fingerprint (every file's path, size "
+        "and modification time); a new version makes `raw_slide` of that slide unsynced. Observed by the slide discovery "
         "sensor and by `mihd materialize`."
     ),
 )
@@ -76,10 +77,10 @@ def slide_files(context, storage: StorageResource):
     registered = context.instance.get_dynamic_partitions(slides_partitions.name)
     current = {}
     for slide_id in registered:
-        if storage.slide_folder(slide_id).is_dir():
+        if storage.slide_source(slide_id).exists():
             current[slide_id] = slide_input_fingerprint(storage, slide_id)
         else:
-            context.log.warning(f"slide {slide_id}: folder {storage.slide_folder(slide_id)} is gone; not observed")
+            context.log.warning(f"slide {slide_id}: {storage.slide_source(slide_id)} is gone; not observed")
     return changed_data_versions(context.instance, SLIDE_FILES, current)
 
 
@@ -135,10 +136,10 @@ def raw_slide(context: AssetExecutionContext, storage: StorageResource):
     this asset only: downstream assets stay in sync.
     """
     slide_id = context.partition_key
-    folder = storage.slide_folder(slide_id)
-    fingerprint = tree_fingerprint(folder)
+    source = storage.slide_source(slide_id)
+    fingerprint = source_fingerprint(source)
     started = time.perf_counter()
-    adata = read_visium_slide(folder, slide_id)
+    adata = read_slide(source, slide_id, storage.slide_images_folder(slide_id))
     checks = check_slide_images(adata, slide_id)
     passed = all(c.passed for c in checks)
     adata.uns["mihd_checks"] = {SPOTS_ON_TISSUE: {"passed": passed, "images": {c.image: c.as_dict() for c in checks}}}
@@ -154,6 +155,8 @@ def raw_slide(context: AssetExecutionContext, storage: StorageResource):
             "n_genes": adata.n_vars,
             "counts_format": meta["counts_format"],
             "positions_format": meta["positions_format"],
+            "layout": meta["layout"],
+            "coordinate_units": meta["coordinate_units"],
             "images": MetadataValue.json(meta["image_paths"]),
             "scalefactors": MetadataValue.json(info["scalefactors"]),
             "truth_source": meta["truth_source"],

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+
+from ..fileio import tree_fingerprint
 
 
 def _update_array(digest, values) -> None:
@@ -48,3 +51,15 @@ def anndata_content_hash(adata, obs_columns: tuple[str, ...] = ("in_tissue", "ar
             digest.update(name.encode())
             _update_array(digest, image)
     return digest.hexdigest()[:20]
+
+
+def source_fingerprint(source) -> str:
+    """Cheap fingerprint of a slide's input: for a folder, :func:`~mihd_assets.fileio.tree_fingerprint`
+    (every file's relative path, size and modification time); for a single file (an ``.h5ad``
+    slide), its name, size and modification time. A missing source is a FileNotFoundError."""
+    source = Path(source)
+    if source.is_dir():
+        return tree_fingerprint(source)
+    stat = source.stat()
+    digest = hashlib.sha256(f"{source.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
