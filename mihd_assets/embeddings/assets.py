@@ -26,7 +26,7 @@ from mihd_resources.orchestration import run_record_metadata, throttled_log
 from mihd_resources.orchestration import GPU_POOL, gpu_op_tags
 from mihd_resources.orchestration import slides_partitions
 from mihd_assets.matrix import MATRIX
-from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key, require_tissue_check
+from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key, require_image, require_tissue_check
 from mihd_resources import ComputeResource, MetricsStore, settings
 from mihd_resources.compute import device_check_result, device_check_spec
 from mihd_resources.step_executor import StepExecutor
@@ -86,13 +86,15 @@ def _vision_factory(encoder: str, variant: str):
         description=(
             f"Raw `{encoder}` (timm) embeddings of H&E patches around each spot, `{variant}` patch "
             "variant, read lazily from the slide's highest-resolution image with coordinates scaled by "
-            "that image's own factor; stored before any normalization."
+            "that image's own factor; stored before any normalization. A slide without any image "
+            "fails at once, naming the slide."
         ),
     )
     def _asset(context: AssetExecutionContext, compute: ComputeResource, weights: ModelWeightsResource,
                step_executor: StepExecutor, raw):
         slide_id = context.partition_key
         require_tissue_check(raw, slide_id)
+        require_image(raw, slide_id, f"vision embedding {key.path[-1]}")
         path = weights.path_for(encoder)
         if path is None and not weights.allow_random:
             raise ValueError(

@@ -30,7 +30,7 @@ from mihd_resources.orchestration import slides_partitions
 from mihd_assets.embeddings.assets import gene_key, vision_key
 from mihd_assets.embeddings.store import SpotEmbedding
 from mihd_assets.matrix import MATRIX, cluster_count, replicate_suffix
-from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key
+from mihd_assets.slides.assets import RAW_SLIDE, preprocessed_key, require_image
 from mihd_resources import ComputeResource, MetricsStore, settings
 from mihd_resources.clustering import ClusteringResource
 from mihd_resources.compute import DEVICE_FACTS, device_check_result, device_check_spec
@@ -268,6 +268,7 @@ def _staig_factory(replicate: int = 0):
     )
     def _asset(context: AssetExecutionContext, compute: ComputeResource, step_executor: StepExecutor, pre, vision):
         where = f"slide '{context.partition_key}' {name}"
+        require_image(pre, context.partition_key, f"STAIG image mode ({name})")
         image_raw = _aligned(SpotEmbedding(np.zeros((pre.n_obs, 1)), list(pre.obs_names)), vision, where)
         yield from _staig_events(context, compute, step_executor, pre, image_raw, StaigConfig(seed=seed), name,
                                  replicate, vision_name=MATRIX.staig_vision, weights=_upstream_weights(vision))
@@ -403,8 +404,15 @@ def _coords_for(raw, obs_names: list[str]) -> np.ndarray:
     return np.asarray(raw.obsm["spatial"], dtype=np.float64)[[index[b] for b in obs_names]]
 
 
+def representation_needs_image(representation: str, kind: str) -> bool:
+    """Whether a clustered representation is computed from the slide's pixels: a vision
+    embedding, or a fusion of one (STAIG's no-image mode is not)."""
+    return kind == "vision" or (kind == "fusion" and representation != STAIG_NO_IMAGE_NAME)
+
+
 def _clustering_factory(representation: str, upstream: AssetKey, kind: str, method: str, replicate: int = 0):
     key = clustering_key(representation, method, replicate)
+    needs_image = representation_needs_image(representation, kind)
 
     @asset(
         key=key,
@@ -425,6 +433,8 @@ def _clustering_factory(representation: str, upstream: AssetKey, kind: str, meth
         from .clustering import refine_labels
 
         slide_id = context.partition_key
+        if needs_image:
+            require_image(raw, slide_id, f"clustering {key.path[-1]}")
         where = f"slide '{slide_id}' {key.path[-1]}"
         started = time.perf_counter()
         n_clusters, source = cluster_count(slide_id, raw.obs["truth"] if "truth" in raw.obs else None)
@@ -472,6 +482,7 @@ def _image_only_factory(method: str, vision: str, replicate: int = 0):
         from .clustering import cluster_count_facts, refine_labels, validate_for_clustering
 
         slide_id = context.partition_key
+        require_image(raw, slide_id, f"image-only clustering {key.path[-1]}")
         where = f"slide '{slide_id}' {representation}"
         n_clusters, source = cluster_count(slide_id, raw.obs["truth"] if "truth" in raw.obs else None)
         coords = _coords_for(raw, embedding.obs_names)
@@ -519,6 +530,7 @@ def spot_patches(raw, slide_id: str, obs_names: list[str], size: int) -> np.ndar
     """(n, 3, size, size) RGB patches in [0, 1] from the slide's highest-resolution image."""
     from mihd_assets.embeddings.patches import highest_resolution_image, patch_array
 
+    require_image(raw, slide_id, "spot patches")
     info = raw.uns["spatial"][slide_id]
     _, path, scale = highest_resolution_image(dict(info["metadata"]["image_paths"]), dict(info["scalefactors"]))
     return patch_array(path, _coords_for(raw, obs_names), scale, size)

@@ -8,19 +8,26 @@ from dagster import AssetExecutionContext, AssetIn, AssetKey, MaterializeResult,
 from mihd_resources.orchestration import slides_partitions
 from mihd_assets.fileio import atomic_write_bytes, atomic_write_text
 from mihd_assets.fusion.assets import ALL_METRICS_KEYS, FIGURE_CLUSTERING_KEYS
-from mihd_assets.slides.assets import RAW_SLIDE
+from mihd_assets.slides.assets import RAW_SLIDE, has_image
 from mihd_resources import MetricsStore, settings
 
 from .benchmark import benchmark_html
-from .figures import slide_panels_png
+from .figures import NO_IMAGE_PANEL, slide_panels_png
 
-def _display_image(raw, slide_id: str) -> tuple[np.ndarray | None, float]:
-    """The stored hires (else lowres) image and its scale factor."""
+# First-panel title of a slide whose only image is the full-resolution TIFF (not stored in the AnnData).
+FULLRES_ONLY_PANEL = "no hires or lowres image stored (full-resolution TIFF only): spot coordinates only"
+
+
+def _display_image(raw, slide_id: str) -> tuple[np.ndarray | None, float, str]:
+    """The stored hires (else lowres) image, its scale factor and the first panel's title;
+    without a stored image None, 1.0 (full-resolution coordinates) and a title saying that
+    the panel shows spot coordinates only."""
     info = raw.uns["spatial"][slide_id]
     for name in ("hires", "lowres"):
         if name in info.get("images", {}):
-            return np.asarray(info["images"][name]), float(info["scalefactors"][f"tissue_{name}_scalef"])
-    return None, 1.0
+            return np.asarray(info["images"][name]), float(info["scalefactors"][f"tissue_{name}_scalef"]), "H&E"
+    return None, 1.0, FULLRES_ONLY_PANEL if has_image(raw, slide_id) else NO_IMAGE_PANEL
+
 
 
 @asset(
@@ -28,14 +35,16 @@ def _display_image(raw, slide_id: str) -> tuple[np.ndarray | None, float]:
     ins={"__".join(k.path[1:]): AssetIn(key=k) for k in FIGURE_CLUSTERING_KEYS} | {"raw": AssetIn(key=RAW_SLIDE)},
     group_name="reports",
     partitions_def=slides_partitions,
-    code_version="1",
+    # 2: without a stored image the first panel draws the spot coordinates, titled as such.
+    code_version="2",
     kinds={"matplotlib"},
 )
 def slide_figures(context: AssetExecutionContext, raw, **labels) -> MaterializeResult:
     """One PNG per clustering of this slide: H&E | ground truth | prediction (refined labels),
-    drawn only from the stored labels and the stored image; the best one is shown inline."""
+    drawn only from the stored labels and the stored image; the best one is shown inline.
+    Without a stored image the first panel shows the spot coordinates only, and says so."""
     slide_id = context.partition_key
-    image, scale = _display_image(raw, slide_id)
+    image, scale, image_title = _display_image(raw, slide_id)
     truth = raw.obs["truth"] if "truth" in raw.obs and raw.obs["truth"].notna().any() else None
     index = {b: i for i, b in enumerate(raw.obs_names)}
     out_dir = settings.storage_root() / "reports" / "slide_figures" / slide_id
@@ -44,7 +53,8 @@ def slide_figures(context: AssetExecutionContext, raw, **labels) -> MaterializeR
         rows = [index[b] for b in stored.obs_names]
         xy = np.asarray(raw.obsm["spatial"], dtype=np.float64)[rows] * scale
         t = None if truth is None else truth.iloc[rows].astype(object).to_numpy()
-        png = slide_panels_png(image, xy, t, stored.refined, f"{slide_id} · {name} (refined)")
+        png = slide_panels_png(image, xy, t, stored.refined, f"{slide_id} · {name} (refined)",
+                               image_title=image_title)
         path = out_dir / f"{name}.png"
         atomic_write_bytes(path, png)
         paths[name] = MetadataValue.path(str(path))
@@ -55,6 +65,7 @@ def slide_figures(context: AssetExecutionContext, raw, **labels) -> MaterializeR
     context.log.info(f"slide {slide_id}: {len(paths)} figures in {out_dir}")
     return MaterializeResult(metadata={
         "n_figures": len(paths),
+        "first_panel": image_title,
         "folder": MetadataValue.path(str(out_dir)),
         "preview": MetadataValue.md(
             f"**{shown}**\n\n![{shown}](data:image/png;base64,{base64.b64encode(previews[shown]).decode()})"

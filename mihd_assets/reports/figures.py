@@ -1,4 +1,5 @@
-"""H&E | ground truth | prediction panels, drawn from stored labels and the stored image."""
+"""H&E | ground truth | prediction panels, drawn from stored labels and the stored image
+(spot coordinates alone for a slide without a stored image)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,18 @@ def _colors(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return np.asarray([lookup[str(v)] for v in labels]), names
 
 
-def slide_panels_png(image: np.ndarray | None, xy_image: np.ndarray, truth, prediction: np.ndarray, title: str,
-                     dpi: int = 72) -> bytes:
-    """One PNG with three panels: the H&E image, spots coloured by truth, by prediction.
+# Title of the first panel of a slide without any image: the spots where they lie, no pixels.
+NO_IMAGE_PANEL = "no image: spot coordinates only"
+
+
+def slide_panels_figure(image: np.ndarray | None, xy_image: np.ndarray, truth, prediction: np.ndarray, title: str,
+                        dpi: int = 72, image_title: str | None = None):
+    """A matplotlib figure with three panels: the H&E image, spots coloured by truth, by prediction.
 
     ``xy_image`` are the spot positions in ``image`` pixels (full-res coordinates times that
-    image's scale factor); without truth labels the middle panel says so.
+    image's scale factor); without truth labels the middle panel says so. Without an image
+    (``image`` None) the first panel shows the spot positions alone, titled ``image_title``
+    (default :data:`NO_IMAGE_PANEL`), and every panel is drawn in spot coordinates.
     """
     import matplotlib
 
@@ -34,7 +41,11 @@ def slide_panels_png(image: np.ndarray | None, xy_image: np.ndarray, truth, pred
         if image is not None:
             ax.imshow(image)
         ax.set_axis_off()
-    axes[0].set_title("H&E")
+    if image is not None:
+        axes[0].set_title("H&E")
+    else:
+        axes[0].scatter(xy_image[:, 0], xy_image[:, 1], c="0.55", s=spot_size, linewidths=0)
+        axes[0].set_title(image_title or NO_IMAGE_PANEL)
     if truth is not None:
         known = np.asarray([t is not None and str(t) != "nan" for t in truth])
         colors, _ = _colors(np.asarray(truth, dtype=object)[known])
@@ -46,11 +57,21 @@ def slide_panels_png(image: np.ndarray | None, xy_image: np.ndarray, truth, pred
     axes[2].scatter(xy_image[:, 0], xy_image[:, 1], c=colors, s=spot_size, linewidths=0)
     axes[2].set_title("prediction")
     if image is None:
-        for ax in axes[1:]:
+        # Image rows grow downwards: flip y so the spots sit as they would on the image.
+        for ax in axes:
             ax.invert_yaxis()
             ax.set_aspect("equal")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def slide_panels_png(image: np.ndarray | None, xy_image: np.ndarray, truth, prediction: np.ndarray, title: str,
+                     dpi: int = 72, image_title: str | None = None) -> bytes:
+    """:func:`slide_panels_figure` as PNG bytes."""
+    import matplotlib.pyplot as plt
+
+    fig = slide_panels_figure(image, xy_image, truth, prediction, title, dpi=dpi, image_title=image_title)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)

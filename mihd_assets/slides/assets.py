@@ -35,6 +35,7 @@ GROUP = "slides"
 SLIDE_FILES = AssetKey(["slides", "slide_files"])
 RAW_SLIDE = AssetKey(["slides", "raw_slide"])
 SPOTS_ON_TISSUE = "spots_on_tissue"
+TISSUE_FRACTION = "spots_on_tissue_fraction"
 # Presets materialized for every slide; downstream assets pick theirs by key.
 MATERIALIZED_PRESETS = ("standard", "staig")
 # Bumped when a preset's steps change: standard 2 = scale without clipping (as scanpy's textbook path).
@@ -45,15 +46,57 @@ def preprocessed_key(preset: str) -> AssetKey:
     return AssetKey(["slides", f"preprocessed_slide_{preset}"])
 
 
+# Status of the tissue checks of a slide without any image (no full-resolution TIFF, no
+# hires or lowres PNG): they are recorded as failed WARN checks with this text, and the
+# assets that need pixels refuse the slide (:func:`require_image`).
+NO_IMAGE = "not applicable: no image"
+
+
+class SlideHasNoImageError(ValueError):
+    """An asset that needs pixels was asked to run on a slide without any image."""
+
+
+def slide_image_paths(adata, slide_id: str) -> dict[str, str]:
+    """The slide's image files by name (fullres / hires / lowres); empty without any image."""
+    return dict(adata.uns["spatial"][slide_id]["metadata"]["image_paths"])
+
+
+def has_image(adata, slide_id: str) -> bool:
+    """Whether the slide has at least one image (full-resolution TIFF, hires or lowres PNG)."""
+    return bool(slide_image_paths(adata, slide_id))
+
+
+def require_image(adata, slide_id: str, needed_by: str) -> None:
+    """Refuse at once, naming the slide, an asset that needs pixels on a slide without any image.
+
+    ``adata`` is the slide's raw or preprocessed AnnData (both keep ``uns["spatial"]``);
+    ``needed_by`` names what needs the pixels. Every asset that reads the slide's image, or
+    an embedding computed from it, calls this before loading a model or any input of its own.
+    """
+    if not has_image(adata, slide_id):
+        raise SlideHasNoImageError(
+            f"slide '{slide_id}' has no image (no full-resolution TIFF, no hires or lowres PNG): "
+            f"{needed_by} needs the slide's pixels and does not run for it; gene-only assets do"
+        )
+
+
 def require_tissue_check(raw, slide_id: str) -> None:
     """Refuse to build on a slide whose coordinates missed its tissue (defence in depth:
-    the blocking check already stops downstream steps within one run)."""
+    the blocking check already stops downstream steps within one run).
+
+    A slide without any image has nothing to check its coordinates against: raw_slide
+    records the check as ``NO_IMAGE`` and this lets it through (the assets that need pixels
+    refuse it through :func:`require_image`). A slide whose check ran and failed is refused.
+    """
     gate = raw.uns.get("mihd_checks", {}).get(SPOTS_ON_TISSUE, {})
-    if not gate.get("passed", False):
-        raise ValueError(
-            f"slide '{slide_id}': raw_slide failed its {SPOTS_ON_TISSUE} check; fix the slide's "
-            "images or coordinates first"
-        )
+    if gate.get("passed", False):
+        return
+    if gate.get("status") == NO_IMAGE and not has_image(raw, slide_id):
+        return
+    raise ValueError(
+        f"slide '{slide_id}': raw_slide failed its {SPOTS_ON_TISSUE} check; fix the slide's "
+        "images or coordinates first"
+    )
 
 
 def slide_input_fingerprint(storage: StorageResource, slide_id: str) -> str:
@@ -109,7 +152,9 @@ def raw_slide_data_version(adata, slide_id: str) -> str:
                 "tissue (three-class Otsu on saturation) at least as well as with another image's "
                 "scale factor, read as another image's pixels, or with x and y swapped: fails when "
                 "one of those puts >= 10 points more of the in-tissue spots on tissue (and >= 60%), "
-                "when under 60% land on tissue, or when the image has no tissue contrast."
+                "when under 60% land on tissue, or when the image has no tissue contrast. A slide "
+                f"without any image fails it with WARN severity, '{NO_IMAGE}', which blocks nothing "
+                "(the assets that need pixels refuse such a slide themselves)."
             ),
         ),
         AssetCheckSpec(
@@ -118,7 +163,8 @@ def raw_slide_data_version(adata, slide_id: str) -> str:
             description=(
                 "Warns when fewer than 95% of the in-tissue spots land on tissue in an image (real "
                 "slides show 95-99.5%; a torn or folded edge or faint tissue lowers it); the "
-                "metadata carries the fraction per image."
+                "metadata carries the fraction per image. A slide without any image fails it, "
+                f"'{NO_IMAGE}'."
             ),
         ),
     ],
@@ -132,6 +178,11 @@ def raw_slide(context: AssetExecutionContext, storage: StorageResource):
     the hires/lowres images and the paths of every source file. The blocking check
     `spots_on_tissue` stops downstream assets when the coordinates miss the tissue.
 
+    A slide without any image (no full-resolution TIFF, no hires or lowres PNG) materializes
+    with `has_image: false`; both tissue checks fail with WARN severity as
+    "not applicable: no image" (a WARN failure blocks nothing downstream), gene-only assets
+    run and every asset that needs pixels refuses the slide (`require_image`).
+
     Its data version is a hash of the content read, so a touched but unchanged file re-runs
     this asset only: downstream assets stay in sync.
     """
@@ -140,9 +191,13 @@ def raw_slide(context: AssetExecutionContext, storage: StorageResource):
     fingerprint = source_fingerprint(source)
     started = time.perf_counter()
     adata = read_slide(source, slide_id, storage.slide_images_folder(slide_id))
-    checks = check_slide_images(adata, slide_id)
-    passed = all(c.passed for c in checks)
-    adata.uns["mihd_checks"] = {SPOTS_ON_TISSUE: {"passed": passed, "images": {c.image: c.as_dict() for c in checks}}}
+    image = has_image(adata, slide_id)
+    checks = check_slide_images(adata, slide_id) if image else []
+    passed = image and all(c.passed for c in checks)
+    status = ("passed" if passed else "failed") if image else NO_IMAGE
+    adata.uns["mihd_checks"] = {SPOTS_ON_TISSUE: {
+        "passed": passed, "status": status, "images": {c.image: c.as_dict() for c in checks},
+    }}
     info = adata.uns["spatial"][slide_id]
     meta = info["metadata"]
     content = raw_slide_data_version(adata, slide_id)
@@ -164,7 +219,9 @@ def raw_slide(context: AssetExecutionContext, storage: StorageResource):
             "input_fingerprint": fingerprint,
             "content_hash": content,
             "profile": settings.profile(),
-            "tissue_check_passed": passed,
+            "has_image": image,
+            # The blocking check's outcome; the text NO_IMAGE on a slide without any image.
+            "tissue_check_passed": passed if image else NO_IMAGE,
             "tissue_fraction_low": any(c.low_fraction for c in checks),
             "seconds": round(time.perf_counter() - started, 3),
         },
@@ -174,6 +231,23 @@ def raw_slide(context: AssetExecutionContext, storage: StorageResource):
             f"slide {slide_id}: {c.image} image, scale {c.scale:g}: {c.frac_on_tissue:.1%} of spots on tissue"
             + (f" - {c.problem}" if c.problem else "")
         )
+    if not image:
+        why = (
+            f"{NO_IMAGE}: the slide has no full-resolution TIFF and no hires or lowres PNG, so "
+            "nothing can be checked against the spot coordinates; assets that need pixels refuse "
+            "this slide, gene-only assets run"
+        )
+        context.log.warning(f"slide {slide_id}: {why}")
+        for check_name in (SPOTS_ON_TISSUE, TISSUE_FRACTION):
+            yield AssetCheckResult(
+                check_name=check_name,
+                asset_key=RAW_SLIDE,
+                passed=False,
+                severity=AssetCheckSeverity.WARN,
+                description=why,
+                metadata={"has_image": False},
+            )
+        return
     yield AssetCheckResult(
         check_name=SPOTS_ON_TISSUE,
         asset_key=RAW_SLIDE,
@@ -298,17 +372,21 @@ def slide_qc_metrics(
     pre_staig,
 ) -> MaterializeResult:
     """QC numbers of one slide into DuckDB: `slide_qc` (spots, genes, UMI, tissue
-    fractions), `slide_image_checks` (one row per image and scale factor) and
-    `preprocessing_runs` (preset and exact ordered steps per preprocessed matrix)."""
+    fractions), `slide_image_checks` (one row per image and scale factor; none for a slide
+    without any image) and `preprocessing_runs` (preset and exact ordered steps per
+    preprocessed matrix)."""
     slide_id = context.partition_key
     images = list(raw.uns["mihd_checks"][SPOTS_ON_TISSUE]["images"].values())
     # The highest-resolution image present stands for the slide's tissue fraction.
     order = {"fullres": 0, "hires": 1, "lowres": 2}
     best = min(images, key=lambda c: order.get(c["image"], 9)) if images else None
     qc = slide_qc(raw, slide_id, float(best["frac_on_tissue"]) if best else None)
+    # A slide without any image has no image rows: its slide_qc row says NULL for the
+    # tissue fraction, and the write leaves no slide_image_checks row for it.
     image_rows = pd.DataFrame([{**c, "slide_id": slide_id} for c in images])
-    image_rows["threshold"] = image_rows["threshold"].astype(float).where(image_rows["threshold"].notna(), None)
-    image_rows["problem"] = image_rows["problem"].replace("", None)
+    if images:
+        image_rows["threshold"] = image_rows["threshold"].astype(float).where(image_rows["threshold"].notna(), None)
+        image_rows["problem"] = image_rows["problem"].replace("", None)
     pre_rows = []
     for pre in (pre_standard, pre_staig):
         info = pre.uns["preprocess"]
