@@ -29,7 +29,6 @@ def _display_image(raw, slide_id: str) -> tuple[np.ndarray | None, float, str]:
     return None, 1.0, FULLRES_ONLY_PANEL if has_image(raw, slide_id) else NO_IMAGE_PANEL
 
 
-
 @asset(
     key=AssetKey(["reports", "slide_figures"]),
     ins={"__".join(k.path[1:]): AssetIn(key=k) for k in FIGURE_CLUSTERING_KEYS} | {"raw": AssetIn(key=RAW_SLIDE)},
