@@ -63,3 +63,28 @@ def materialized_home(tmp_path_factory, tiny_slides) -> dict[str, str]:
     result = run_cli(["materialize"], env)
     assert result.returncode == 0, result.stdout + result.stderr
     return env
+
+
+def slide_resources(slides_root: Path, store: Path, database: Path) -> dict:
+    """The slide pipeline's resources for an in-process `dagster.materialize` on CPU: slides
+    under ``slides_root``, asset files under ``store``, metrics catalog ``database``, random weights."""
+    from dagster_duckdb import DuckDBResource
+
+    from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
+    from mihd_resources.clustering import ClusteringResource
+    from mihd_resources.embedding_io_manager import EmbeddingIOManager
+    from mihd_resources.labels_io_manager import LabelsIOManager
+    from mihd_resources.step_executor import StepExecutor
+    from mihd_resources.weights import ModelWeightsResource
+
+    return {
+        "storage": StorageResource(slides_root=str(slides_root)),
+        "anndata_io_manager": AnnDataIOManager(base_dir=str(store)),
+        "embedding_io_manager": EmbeddingIOManager(base_dir=str(store)),
+        "labels_io_manager": LabelsIOManager(base_dir=str(store)),
+        "compute": ComputeResource(device="cpu", num_workers=0),
+        "step_executor": StepExecutor(),
+        "metrics": MetricsStore(duckdb=DuckDBResource(database=str(database))),
+        "clustering": ClusteringResource(),
+        "weights": ModelWeightsResource(allow_random=True),
+    }

@@ -9,21 +9,17 @@ import duckdb
 import numpy as np
 import pytest
 from dagster import DagsterInstance, build_asset_context, materialize
-from dagster_duckdb import DuckDBResource
 
 from mihd_resources.orchestration import user_error
 from mihd_assets.embeddings import assets as emb
-from mihd_assets.embeddings.store import SpotEmbedding
 from mihd_assets.fusion import assets as fa
 from mihd_assets.fusion import clustering as cl
 from mihd_assets.fusion.store import SpotLabels
 from mihd_assets.slides import assets as slides
-from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
+from mihd_resources import ComputeResource
 from mihd_resources.clustering import ClusteringResource
-from mihd_resources.embedding_io_manager import EmbeddingIOManager
-from mihd_resources.labels_io_manager import LabelsIOManager
-from mihd_resources.weights import ModelWeightsResource
 from mihd_resources.step_executor import StepExecutor
+from tests.conftest import slide_resources
 
 GENE_PCA = next(a for a in emb.gene_embeddings if a.key == emb.gene_key("pca"))
 
@@ -40,17 +36,7 @@ def env(tiny_slides, tmp_path, monkeypatch):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("slides", ["demo_01"])
     store = tmp_path / "store"
-    resources = {
-        "storage": StorageResource(slides_root=str(root)),
-        "anndata_io_manager": AnnDataIOManager(base_dir=str(store)),
-        "embedding_io_manager": EmbeddingIOManager(base_dir=str(store)),
-        "labels_io_manager": LabelsIOManager(base_dir=str(store)),
-        "compute": ComputeResource(device="cpu", num_workers=0),
-        "step_executor": StepExecutor(),
-        "metrics": MetricsStore(duckdb=DuckDBResource(database=str(tmp_path / "m.duckdb"))),
-        "clustering": ClusteringResource(),
-        "weights": ModelWeightsResource(allow_random=True),
-    }
+    resources = slide_resources(root, store, tmp_path / "m.duckdb")
     assert materialize([slides.raw_slide], partition_key="demo_01", instance=instance, resources=resources).success
     raw = ad.read_h5ad(store / "slides" / "raw_slide" / "demo_01.h5ad")
     return instance, resources, store, raw

@@ -24,14 +24,12 @@ from mihd_assets.fusion import image_only, staig
 from mihd_assets.fusion.store import SpotLabels
 from mihd_assets.matrix import MATRIX
 from mihd_assets.slides import assets as slides
-from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
+from mihd_resources import ComputeResource, MetricsStore
 from mihd_resources.clustering import ClusteringResource
 from mihd_resources.compute import DEVICE_CHECK, device_check_result, gpu_expectation
-from mihd_resources.embedding_io_manager import EmbeddingIOManager
-from mihd_resources.labels_io_manager import LabelsIOManager
 from mihd_resources.orchestration import GPU_POOL, gpu_op_tags
 from mihd_resources.step_executor import StepExecutor
-from mihd_resources.weights import ModelWeightsResource
+from tests.conftest import slide_resources
 
 GENE_PCA = next(a for a in emb.gene_embeddings if a.key == emb.gene_key("pca"))
 
@@ -53,17 +51,7 @@ def env(tiny_slides, tmp_path, monkeypatch):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("slides", ["demo_01"])
     store = tmp_path / "store"
-    resources = {
-        "storage": StorageResource(slides_root=str(root)),
-        "anndata_io_manager": AnnDataIOManager(base_dir=str(store)),
-        "embedding_io_manager": EmbeddingIOManager(base_dir=str(store)),
-        "labels_io_manager": LabelsIOManager(base_dir=str(store)),
-        "compute": ComputeResource(device="cpu", num_workers=0),
-        "step_executor": StepExecutor(),
-        "metrics": MetricsStore(duckdb=DuckDBResource(database=str(tmp_path / "m.duckdb"))),
-        "clustering": ClusteringResource(),
-        "weights": ModelWeightsResource(allow_random=True),
-    }
+    resources = slide_resources(root, store, tmp_path / "m.duckdb")
     assert materialize([slides.raw_slide], partition_key="demo_01", instance=instance, resources=resources).success
     raw = ad.read_h5ad(store / "slides" / "raw_slide" / "demo_01.h5ad")
     return instance, resources, store, raw, tmp_path / "m.duckdb"
@@ -335,6 +323,9 @@ def test_staig_asset_with_clamped_k_fails_its_check_and_the_clustering_rows_reco
     monkeypatch.setenv("MIHD_PROFILE", "demo")
     monkeypatch.setattr(fa, "DEMO_STAIG_EPOCHS", 5)
     pre, image = small_slide(30)
+    # A preprocessed slide keeps its image paths (scanpy's uns["spatial"]); STAIG's image mode
+    # refuses a slide without any. It reads the vision embedding, not the file.
+    pre.uns["spatial"] = {"small": {"metadata": {"image_paths": {"hires": str(tmp_path / "hires.png")}}}}
     vision = SpotEmbedding(image, list(pre.obs_names), {"weights": "random"})
     (staig_asset,) = [a for a in fa.staig_fusion_embeddings if a.key == fa.fusion_key(fa.STAIG_NAME)]
     resources = {"compute": ComputeResource(device="cpu"), "step_executor": StepExecutor()}
@@ -351,6 +342,7 @@ def test_staig_asset_with_clamped_k_fails_its_check_and_the_clustering_rows_reco
     raw = ad.AnnData(np.zeros((30, 1), dtype=np.float32))
     raw.obs_names = pre.obs_names
     raw.obsm["spatial"] = pre.obsm["spatial"]
+    raw.uns["spatial"] = pre.uns["spatial"]
     clustering = _clustering(f"{fa.STAIG_NAME}__kmeans")
     with build_asset_context(partition_key="small", resources={"clustering": ClusteringResource()}) as context:
         labels = next(iter(clustering(context, embedding=fused, raw=raw))).value

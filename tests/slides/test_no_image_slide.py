@@ -20,7 +20,6 @@ from dagster import (
     asset,
     materialize,
 )
-from dagster_duckdb import DuckDBResource
 
 from mihd_assets.embeddings import assets as emb
 from mihd_assets.embeddings.store import SpotEmbedding
@@ -29,13 +28,8 @@ from mihd_assets.fusion.store import SpotLabels
 from mihd_assets.reports.assets import _display_image
 from mihd_assets.reports.figures import NO_IMAGE_PANEL, slide_panels_figure, slide_panels_png
 from mihd_assets.slides import assets as slides
-from mihd_resources import AnnDataIOManager, ComputeResource, MetricsStore, StorageResource
-from mihd_resources.clustering import ClusteringResource
-from mihd_resources.embedding_io_manager import EmbeddingIOManager
-from mihd_resources.labels_io_manager import LabelsIOManager
 from mihd_resources.orchestration import user_error
-from mihd_resources.step_executor import StepExecutor
-from mihd_resources.weights import ModelWeightsResource
+from tests.conftest import slide_resources
 
 SLIDE = "demo_01"
 GENE_PCA = next(a for a in emb.gene_embeddings if a.key == emb.gene_key("pca"))
@@ -71,17 +65,7 @@ def no_image_run(tiny_slides, tmp_path_factory):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("slides", [SLIDE])
     store = tmp / "store"
-    resources = {
-        "storage": StorageResource(slides_root=str(root)),
-        "anndata_io_manager": AnnDataIOManager(base_dir=str(store)),
-        "embedding_io_manager": EmbeddingIOManager(base_dir=str(store)),
-        "labels_io_manager": LabelsIOManager(base_dir=str(store)),
-        "compute": ComputeResource(device="cpu", num_workers=0),
-        "step_executor": StepExecutor(),
-        "metrics": MetricsStore(duckdb=DuckDBResource(database=str(tmp / "m.duckdb"))),
-        "clustering": ClusteringResource(),
-        "weights": ModelWeightsResource(allow_random=True),
-    }
+    resources = slide_resources(root, store, tmp / "m.duckdb")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MIHD_PROFILE", "demo")
 
