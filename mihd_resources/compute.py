@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetKey, ConfigurableResource
 from pydantic import Field
@@ -120,7 +120,7 @@ class ComputeResource(ConfigurableResource):
         return self.settings().describe()
 
     def run(self, context, step_executor, family: str, fn: Callable[[Any], T], *,
-            output_name: str | None = None) -> tuple[T, dict]:
+            output_name: str | Sequence[str] | None = None) -> tuple[T, dict]:
         """``step_executor.run(context, family, fn)``, and the device facts of the run.
 
         The device is resolved where ``fn`` runs (in a Slurm job, on its node) and logged
@@ -130,7 +130,7 @@ class ComputeResource(ConfigurableResource):
         settings = self.settings()
         expected = gpu_expectation(context, step_executor, family)
         gpu_pool = context.op_def.pool == GPU_POOL
-        where = context.asset_key.to_user_string() + (
+        where = ", ".join(sorted(k.to_user_string() for k in context.selected_asset_keys)) + (
             f" (partition '{context.partition_key}')" if context.has_partition_key else "")
 
         def with_device(step_log):

@@ -42,7 +42,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import yaml
 from dagster import ConfigurableResource, Failure, MetadataValue
@@ -224,20 +224,22 @@ class StepExecutor(ConfigurableResource):
     executor: Literal["local", "slurm"] = "local"
     slurm_config: str | None = None
 
-    def run(self, context, family: str, fn: Callable[[Any], T], *, output_name: str | None = None) -> T:
+    def run(self, context, family: str, fn: Callable[[Any], T], *,
+            output_name: str | Sequence[str] | None = None) -> T:
         """``fn(log)`` here or in a Slurm job; the job's facts go into the output's metadata.
 
-        ``output_name`` names the output that gets them in a multi-asset; a single asset's own
-        output is found from its key. An asset that calls this must yield or return ``Output``
-        objects (Dagster requires typed events from steps that open a Pipes session)."""
+        ``output_name`` names the output (or outputs) that get them in a multi-asset; a single
+        asset's own output is found from its key. An asset that calls this must yield or return
+        ``Output`` objects (Dagster requires typed events from steps that open a Pipes session)."""
         if output_name is None:
             output_name = context.assets_def.get_output_name_for_asset_key(context.asset_key)
+        names = [output_name] if isinstance(output_name, str) else list(output_name)
         if self.executor == "local":
-            value = fn(context.log)
-            context.add_output_metadata({"executor": "local"}, output_name=output_name)
-            return value
-        value, meta = self._run_slurm(context, family, fn)
-        context.add_output_metadata(meta, output_name=output_name)
+            value, meta = fn(context.log), {"executor": "local"}
+        else:
+            value, meta = self._run_slurm(context, family, fn)
+        for name in names:
+            context.add_output_metadata(meta, output_name=name)
         return value
 
     # --- Slurm ------------------------------------------------------------------------------

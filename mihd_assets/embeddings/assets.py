@@ -1,4 +1,5 @@
-"""Embedding assets: one per gene encoder and per vision encoder x patch variant, per slide.
+"""Embedding assets: one per gene encoder and per vision encoder x patch variant, per slide
+(the vision encoders of one patch variant share one step, which cuts the patches once).
 
 Each stores the raw embedding (SpotEmbedding .npz) with what produced it; the
 `embedding_runs_metrics` asset loads them and writes DuckDB `embedding_runs`.
@@ -13,6 +14,8 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
+    AssetCheckKey,
+    AssetOut,
     AssetExecutionContext,
     AssetIn,
     AssetKey,
@@ -20,6 +23,7 @@ from dagster import (
     MetadataValue,
     Output,
     asset,
+    multi_asset,
 )
 
 from mihd_resources.orchestration import run_record_metadata, throttled_log
@@ -69,85 +73,112 @@ def _progress(context, label: str):
     return lambda done, total: log(f"{done}/{total} patches", final=done == total)
 
 
-def _vision_factory(encoder: str, variant: str):
-    key = vision_key(encoder, variant)
+def vision_op_name(variant: str) -> str:
+    return f"embeddings__vision_{variant}"
 
-    @asset(
-        key=key,
+
+def _vision_variant_factory(variant: str):
+    """One step per slide and patch variant embeds the patches with every selected vision
+    encoder: the patches (for the filtered variants, the 512 px STAIG filter of each window,
+    most of a CPU step's time) are cut once and fed to each encoder, batch by batch. Each
+    encoder's embedding is its own asset (subsettable: materializing one runs only that
+    encoder), with its own checks, and equals what a step of that encoder alone computes."""
+    keys = {encoder: vision_key(encoder, variant) for encoder in MATRIX.vision_encoders}
+
+    @multi_asset(
+        name=vision_op_name(variant),
+        outs={
+            key.path[-1]: AssetOut(
+                key=key,
+                group_name=GROUP,
+                io_manager_key="embedding_io_manager",
+                code_version="1",
+                is_required=False,  # a subset (one encoder) yields only its own outputs
+                kinds={"pytorch", "timm"},
+                description=(
+                    f"Raw `{encoder}` (timm) embeddings of H&E patches around each spot, `{variant}` patch "
+                    "variant, read lazily from the slide's highest-resolution image with coordinates scaled by "
+                    "that image's own factor; stored before any normalization. The patches are cut once per "
+                    "slide and variant for all selected encoders. A slide without any image fails at once, "
+                    "naming the slide."
+                ),
+            )
+            for encoder, key in keys.items()
+        },
         ins={"raw": AssetIn(key=RAW_SLIDE)},
-        group_name=GROUP,
         partitions_def=slides_partitions,
-        io_manager_key="embedding_io_manager",
         pool=GPU_POOL,
         op_tags=gpu_op_tags(),
-        code_version="1",
-        kinds={"pytorch", "timm"},
-        check_specs=[_weights_spec(key), device_check_spec(key)],
-        description=(
-            f"Raw `{encoder}` (timm) embeddings of H&E patches around each spot, `{variant}` patch "
-            "variant, read lazily from the slide's highest-resolution image with coordinates scaled by "
-            "that image's own factor; stored before any normalization. A slide without any image "
-            "fails at once, naming the slide."
-        ),
+        can_subset=True,
+        check_specs=[spec for key in keys.values() for spec in (_weights_spec(key), device_check_spec(key))],
     )
     def _asset(context: AssetExecutionContext, compute: ComputeResource, weights: ModelWeightsResource,
                step_executor: StepExecutor, raw):
         slide_id = context.partition_key
+        encoders = [e for e, key in keys.items() if key in context.selected_asset_keys]
+        names = ", ".join(keys[e].path[-1] for e in encoders)
         require_tissue_check(raw, slide_id)
-        require_image(raw, slide_id, f"vision embedding {key.path[-1]}")
-        path = weights.path_for(encoder)
-        if path is None and not weights.allow_random:
-            raise ValueError(
-                f"slide '{slide_id}': no weights configured for vision encoder '{encoder}': set "
-                f"ModelWeightsResource.{encoder} (env MIHD_{encoder.upper()}_WEIGHTS) to a local state dict, "
-                "or allow_random=True (env MIHD_ALLOW_RANDOM_WEIGHTS=1) for a random-weights run"
-            )
-        if path is None:
-            context.log.warning(f"slide {slide_id}: {encoder} runs with RANDOM weights (no local weights configured)")
-        tiny = settings.profile() == "demo"
+        require_image(raw, slide_id, f"vision embedding {names}")
+        paths = {}
+        for encoder in encoders:
+            path = weights.path_for(encoder)
+            if path is None and not weights.allow_random:
+                raise ValueError(
+                    f"slide '{slide_id}': no weights configured for vision encoder '{encoder}': set "
+                    f"ModelWeightsResource.{encoder} (env MIHD_{encoder.upper()}_WEIGHTS) to a local state dict, "
+                    "or allow_random=True (env MIHD_ALLOW_RANDOM_WEIGHTS=1) for a random-weights run"
+                )
+            if path is None:
+                context.log.warning(f"slide {slide_id}: {encoder} runs with RANDOM weights (no local weights configured)")
+            paths[encoder] = path
         profile = settings.profile()
+        tiny = profile == "demo"
         info_sp = raw.uns["spatial"][slide_id]
         image_paths, scalefactors = dict(info_sp["metadata"]["image_paths"]), dict(info_sp["scalefactors"])
         spots = np.asarray(raw.obsm["spatial"])
         cs = compute.settings()
-        label = f"{slide_id} {key.path[-1]}"
+        label = f"{slide_id} vision_{variant} ({len(encoders)} encoder{'s' if len(encoders) != 1 else ''})"
 
         def work(log):
-            from .patches import SpotPatchDataset, highest_resolution_image, make_loader
-            from .vision import build_encoder, embed
+            from .patches import PatchView, SharedPatchDataset, highest_resolution_image, make_loader
+            from .vision import build_encoder, embed_views
 
-            model, info = build_encoder(encoder, weights_path=path, tiny=tiny)
+            built = [build_encoder(encoder, weights_path=paths[encoder], tiny=tiny) for encoder in encoders]
             image_name, image_path, scale = highest_resolution_image(image_paths, scalefactors)
-            dataset = SpotPatchDataset(image_path, spots, scale, info["input_size"], info["mean"], info["std"],
-                                       variant=variant)
+            views = [PatchView(info["input_size"], tuple(info["mean"]), tuple(info["std"])) for _, info in built]
+            dataset = SharedPatchDataset(image_path, spots, scale, views, variant=variant)
             device = cs.torch_device()
             loader = make_loader(dataset, cs.batch_size, cs.num_workers, pin_memory=cs.pin_memory and device.type == "cuda")
-            result = embed(model, loader, device, amp=cs.use_amp(), progress_callback=_progress(log, label))
-            record = {
+            results = embed_views([model for model, _ in built], loader, device, amp=cs.use_amp(),
+                                  progress_callback=_progress(log, label))
+            shared = {**dataset.describe(), "image": image_name, "patch_pass_encoders": list(encoders)}
+            records = [{
+                **shared,
                 **{k: v for k, v in info.items() if k not in ("mean", "std")},
                 "modality": "vision",
                 "variant": variant,
-                "image": image_name,
                 "profile": profile,
                 "device": str(device),
                 "amp_dtype": str(result.amp_dtype),
                 "seconds": round(result.seconds, 3),
                 "patches_per_second": round(result.patches_per_second, 2),
-                **dataset.describe(),
-            }
-            return result, record
+            } for (_, info), result in zip(built, results)]
+            return [result.embeddings for result in results], records
 
-        (result, record), device = compute.run(context, step_executor, "embeddings", work)
-        record = {**record, **device}
-        yield Output(
-            SpotEmbedding(result.embeddings, list(raw.obs_names), record),
-            metadata={
-                **run_record_metadata(record),
-                "dims": int(result.embeddings.shape[1]),
-            },
-        )
-        yield _weights_check(key, record)
-        yield device_check_result(key, device)
+        (embeddings, records), device = compute.run(context, step_executor, "embeddings", work,
+                                                    output_name=[keys[e].path[-1] for e in encoders])
+        selected_checks = context.selected_asset_check_keys
+        for encoder, values, record in zip(encoders, embeddings, records):
+            key = keys[encoder]
+            record = {**record, **device}
+            yield Output(
+                SpotEmbedding(values, list(raw.obs_names), record),
+                output_name=key.path[-1],
+                metadata={**run_record_metadata(record), "dims": int(values.shape[1])},
+            )
+            for check in (_weights_check(key, record), device_check_result(key, device)):
+                if AssetCheckKey(key, check.check_name) in selected_checks:
+                    yield check
 
     return _asset
 
@@ -234,7 +265,15 @@ def _gene_factory(encoder: str):
 
 
 gene_embeddings = [_gene_factory(e) for e in MATRIX.gene_encoders]
-vision_embeddings = [_vision_factory(e, v) for e in MATRIX.vision_encoders for v in MATRIX.vision_variants]
+vision_embeddings = [_vision_variant_factory(v) for v in MATRIX.vision_variants]
+
+
+def vision_asset_for(key: AssetKey):
+    """The (multi-)asset definition that computes the vision embedding ``key``."""
+    for definition in vision_embeddings:
+        if key in definition.keys:
+            return definition
+    raise KeyError(f"no vision embedding asset computes {key.to_user_string()}")
 ALL_EMBEDDING_KEYS = [gene_key(e) for e in MATRIX.gene_encoders] + [
     vision_key(e, v) for e in MATRIX.vision_encoders for v in MATRIX.vision_variants
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -287,17 +288,58 @@ class SpotPatchDataset(Dataset):
         canvas[ya - y0 : yb - y0, xa - x0 : xb - x0] = to_rgb(block)
         return canvas
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def patches(self, index: int, sizes: Sequence[int]) -> list[torch.Tensor]:
+        """Spot ``index``'s unnormalized (3, s, s) patch at each size in ``sizes``: the window is
+        read, and for the filtered variants filtered, once for all of them."""
         window = self.window(index)
         if self.variant == "standard":
-            patch = _resize(torch.from_numpy(np.ascontiguousarray(window.transpose(2, 0, 1))), self.input_size)
-        else:
-            # Grayscale first, then resize to STAIG's 512 px: both are linear, so the order
-            # does not change the result, and one channel resizes three times faster than three.
-            big = _resize(torch.from_numpy(window @ LUMA)[None], STAIG_FILTER_SIZE)[0].numpy()
-            gray = torch.from_numpy(staig_filter_gray(big, self.lowpass_cutoff))[None]
-            patch = _resize(gray, self.input_size).expand(3, -1, -1)
+            chw = torch.from_numpy(np.ascontiguousarray(window.transpose(2, 0, 1)))
+            return [_resize(chw, size) for size in sizes]
+        # Grayscale first, then resize to STAIG's 512 px: both are linear, so the order does
+        # not change the result, and one channel resizes three times faster than three.
+        big = _resize(torch.from_numpy(window @ LUMA)[None], STAIG_FILTER_SIZE)[0].numpy()
+        gray = torch.from_numpy(staig_filter_gray(big, self.lowpass_cutoff))[None]
+        return [_resize(gray, size).expand(3, -1, -1) for size in sizes]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        (patch,) = self.patches(index, (self.input_size,))
         return (patch - self._mean) / self._std
+
+
+class PatchView(NamedTuple):
+    """How one encoder wants its patches: input side in px and per-channel normalization."""
+
+    input_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class SharedPatchDataset(SpotPatchDataset):
+    """The patches of one variant for several encoders at once: item ``i`` is a tuple with one
+    normalized (3, s, s) tensor per view, in the order of ``views``. Each window is read and
+    filtered once, then resized per distinct input size, so every view equals what a
+    :class:`SpotPatchDataset` of that view alone returns, value for value."""
+
+    def __init__(self, image_path: str | Path, spots_fullres: np.ndarray, scale: float,
+                 views: Sequence[PatchView], **kwargs):
+        views = [PatchView(int(v.input_size), tuple(v.mean), tuple(v.std)) for v in views]
+        if not views:
+            raise ValueError(f"{image_path}: a shared patch dataset needs at least one view")
+        first = views[0]
+        super().__init__(image_path, spots_fullres, scale, first.input_size, first.mean, first.std, **kwargs)
+        self.views = views
+        self._sizes = sorted({v.input_size for v in views})
+        self._norms = [(torch.tensor(v.mean, dtype=torch.float32)[:, None, None],
+                        torch.tensor(v.std, dtype=torch.float32)[:, None, None]) for v in views]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        by_size = dict(zip(self._sizes, self.patches(index, self._sizes)))
+        return tuple((by_size[v.input_size] - mean) / std for v, (mean, std) in zip(self.views, self._norms))
+
+    def describe(self) -> dict:
+        described = super().describe()
+        del described["input_size"]
+        return {**described, "input_sizes": self._sizes}
 
 
 def make_loader(

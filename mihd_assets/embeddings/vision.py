@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -243,17 +243,35 @@ def embed(
     ``amp_dtype`` records what ran. ``progress_callback(done, total)`` is called every
     ``progress_every`` batches and at the end.
     """
+    (result,) = embed_views([model], loader, device, amp, progress_callback, progress_every)
+    return result
+
+
+def embed_views(
+    models: Sequence[torch.nn.Module],
+    loader: DataLoader,
+    device: str | torch.device,
+    amp: bool = True,
+    progress_callback: Callable[[int, int], None] | None = None,
+    progress_every: int = 10,
+) -> list[EmbedResult]:
+    """:func:`embed` for several encoders in one pass over the patches: each batch of
+    ``loader`` is a tuple with one tensor per model (a :class:`SharedPatchDataset`), or a
+    single tensor when there is one model. Results are in the order of ``models``; their
+    ``seconds`` is the whole pass, patch cutting included."""
+    if not models:
+        raise ValueError("embed_views needs at least one model")
     device = torch.device(device)
     amp_dtype = None
     if amp and device.type == "cuda":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     elif amp:
         log.warning("AMP requested on device %s; autocast is used only on CUDA, running float32", device)
-    model = model.to(device).eval()
+    models = [model.to(device).eval() for model in models]
     total = len(loader.dataset)
     if total == 0:
         raise ValueError("nothing to embed: the loader's dataset is empty")
-    outputs = []
+    outputs: list[list[torch.Tensor]] = [[] for _ in models]
     done = 0
     autocast = torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     start = time.perf_counter()
@@ -263,29 +281,36 @@ def embed(
         tqdm(total=total, unit="patch", desc="vision embedding", mininterval=1.0) as bar,
     ):
         for step, batch in enumerate(loader, start=1):
-            batch = batch.to(device, non_blocking=True)
-            out = model(batch)
-            if out.ndim != 2 or out.shape[0] != batch.shape[0]:
-                raise ValueError(
-                    f"encoder returned shape {tuple(out.shape)} for a batch of {batch.shape[0]}; expected (batch, dim)"
-                )
-            # Kept on the device: one transfer at the end instead of a sync per batch.
-            outputs.append(out.float())
-            done += batch.shape[0]
-            bar.update(batch.shape[0])
+            views = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+            if len(views) != len(models):
+                raise ValueError(f"the loader yields {len(views)} patch views per batch for {len(models)} encoders")
+            for model, view, kept in zip(models, views, outputs):
+                view = view.to(device, non_blocking=True)
+                out = model(view)
+                if out.ndim != 2 or out.shape[0] != view.shape[0]:
+                    raise ValueError(
+                        f"encoder returned shape {tuple(out.shape)} for a batch of {view.shape[0]}; expected (batch, dim)"
+                    )
+                # Kept on the device: one transfer at the end instead of a sync per batch.
+                kept.append(out.float())
+            done += views[0].shape[0]
+            bar.update(views[0].shape[0])
             if progress_callback is not None and (step % progress_every == 0 or done == total):
                 progress_callback(done, total)
-        embeddings = torch.cat(outputs).cpu().numpy()
+        all_embeddings = [torch.cat(kept).cpu().numpy() for kept in outputs]
     seconds = time.perf_counter() - start
-    if len(embeddings) != total:
-        raise ValueError(f"loader yielded {len(embeddings)} patches for a dataset of {total}")
-    bad = int((~np.isfinite(embeddings)).any(axis=1).sum())
-    if bad:
-        hint = f" under {amp_dtype} autocast; rerun without AMP" if amp_dtype else ""
-        raise ValueError(f"{bad} of {total} embeddings are not finite{hint}")
-    return EmbedResult(
-        embeddings=embeddings,
-        seconds=seconds,
-        patches_per_second=total / seconds if seconds > 0 else float("inf"),
-        amp_dtype=None if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
-    )
+    results = []
+    for embeddings in all_embeddings:
+        if len(embeddings) != total:
+            raise ValueError(f"loader yielded {len(embeddings)} patches for a dataset of {total}")
+        bad = int((~np.isfinite(embeddings)).any(axis=1).sum())
+        if bad:
+            hint = f" under {amp_dtype} autocast; rerun without AMP" if amp_dtype else ""
+            raise ValueError(f"{bad} of {total} embeddings are not finite{hint}")
+        results.append(EmbedResult(
+            embeddings=embeddings,
+            seconds=seconds,
+            patches_per_second=total / seconds if seconds > 0 else float("inf"),
+            amp_dtype=None if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+        ))
+    return results

@@ -36,7 +36,8 @@ from mihd_resources.weights import ModelWeightsResource
 from tests.cluster.slurm_cluster import LocalSlurm, SlurmUnavailable, missing_binaries
 
 REPO = Path(__file__).resolve().parents[2]
-VISION = next(a for a in emb.vision_embeddings if a.key == emb.vision_key("uni", "standard"))
+UNI = emb.vision_key("uni", "standard")
+VISION = emb.vision_asset_for(UNI)  # the step of every `standard` encoder; uni alone is selected
 # CPU on both sides: the same code on the same inputs gives bit-identical float32 results.
 # On GPUs kernels may differ between nodes; the documented tolerance is rtol=1e-4, atol=1e-5.
 RTOL, ATOL = 1e-4, 1e-5
@@ -110,11 +111,13 @@ def test_demo_slide_embedding_on_slurm_equals_local_run(slurm, slurm_env, tiny_s
     instance.add_dynamic_partitions("slides", ["demo_01"])
 
     local = materialize([slides.raw_slide, VISION], partition_key="demo_01", instance=instance,
-                        resources=_resources(root, tmp_path / "local", StepExecutor()))
+                        resources=_resources(root, tmp_path / "local", StepExecutor()),
+                        selection=[slides.RAW_SLIDE, UNI])
     assert local.success
     remote = materialize(
         [slides.raw_slide, VISION], partition_key="demo_01", instance=instance,
         resources=_resources(root, tmp_path / "slurm", StepExecutor(executor="slurm", slurm_config=slurm_env())),
+        selection=[slides.RAW_SLIDE, UNI],
     )
     assert remote.success
 
@@ -129,7 +132,7 @@ def test_demo_slide_embedding_on_slurm_equals_local_run(slurm, slurm_env, tiny_s
     assert any(f"Slurm job {meta['slurm_job_id']} on {slurm.host}" in m for m in logs)
     assert any("patches" in m for m in logs)  # the encoder's progress line, written inside the job
 
-    name = f"{VISION.key.path[-1]}/demo_01.npz"
+    name = f"{UNI.path[-1]}/demo_01.npz"
     a = SpotEmbedding.load(tmp_path / "local" / "embeddings" / name)
     b = SpotEmbedding.load(tmp_path / "slurm" / "embeddings" / name)
     assert a.obs_names == b.obs_names and a.values.shape == b.values.shape

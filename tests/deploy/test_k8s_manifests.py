@@ -86,7 +86,7 @@ def test_every_step_of_every_k8s_job_is_rendered(rendered):
     families = {step["tags"].get(K8S_FAMILY_TAG) for _, _, step in _steps(default) if _is_gpu_step(step)}
     assert families == set(GPU_FAMILIES)
     slide = default["slide_pipeline_k8s"]["steps"]
-    assert "embeddings__vision_uni_standard" in slide and "slides__raw_slide" in slide
+    assert "embeddings__vision_standard" in slide and "slides__raw_slide" in slide
     assert sum(_is_gpu_step(s) for s in slide.values()) >= 10
 
 
@@ -102,7 +102,7 @@ def test_every_manifest_is_valid_against_the_kubernetes_schema(rendered):
 
 
 def test_the_validator_rejects_an_invalid_manifest(rendered):
-    step = rendered["default"]["slide_pipeline_k8s"]["steps"]["embeddings__vision_uni_standard"]
+    step = rendered["default"]["slide_pipeline_k8s"]["steps"]["embeddings__vision_standard"]
     unknown_field = copy.deepcopy(step["manifest"])
     unknown_field["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -150,7 +150,7 @@ def test_the_settings_file_changes_the_pods(rendered):
     seg = rendered["configured"]["segmentation_e5_donor_k8s"]["steps"]["segmentation__e5_tile_counts"]
     assert _container(seg)["resources"]["requests"]["memory"] == "64Gi"
     assert {"key": "dedicated", "operator": "Equal", "value": "segmentation", "effect": "NoSchedule"} in _pod(seg)["tolerations"]
-    emb = rendered["configured"]["slide_pipeline_k8s"]["steps"]["embeddings__vision_uni_standard"]
+    emb = rendered["configured"]["slide_pipeline_k8s"]["steps"]["embeddings__vision_standard"]
     assert _container(emb)["resources"]["limits"] == {"memory": "64Gi", GPU_RESOURCE: "1"}
     assert _pod(emb)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
 

@@ -18,7 +18,8 @@ from mihd_resources.embedding_io_manager import EmbeddingIOManager
 from mihd_resources.weights import ModelWeightsResource
 from mihd_resources.step_executor import StepExecutor
 
-VISION_UNI = next(a for a in emb.vision_embeddings if a.key == emb.vision_key("uni", "standard"))
+UNI = emb.vision_key("uni", "standard")
+VISION_UNI = emb.vision_asset_for(UNI)  # the step of every `standard` encoder; tests select uni alone
 
 
 @pytest.fixture
@@ -41,6 +42,8 @@ def env(tiny_slides, tmp_path, monkeypatch):
 
 
 def _run(instance, resources, weights, partition, assets, selection=None):
+    if selection is None:  # everything given, of the vision step only uni
+        selection = [key for a in assets if a is not VISION_UNI for key in a.keys] + ([UNI] if VISION_UNI in assets else [])
     return materialize(
         assets, partition_key=partition, instance=instance, raise_on_error=False,
         resources={**resources, "weights": weights}, selection=selection,
@@ -61,6 +64,28 @@ def test_random_weights_run_is_recorded(env):
     assert stored.info["weights"] == "random" and stored.info["config"] == "tiny"
     (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == emb.WEIGHTS_CHECK]
     assert not check.passed  # random weights are flagged, never hidden
+    assert stored.info["patch_pass_encoders"] == ["uni"]  # only the selected encoder ran
+
+
+@pytest.mark.parametrize("variant", ["standard", "freq"])
+def test_one_patch_pass_for_all_encoders_equals_each_encoder_alone(env, variant):
+    """The shared step (patches cut once, every encoder fed from them) stores, for each
+    encoder, exactly the embedding a step of that encoder alone stores."""
+    root, instance, resources, tmp = env
+    weights = ModelWeightsResource(allow_random=True)
+    step = emb.vision_asset_for(emb.vision_key("uni", variant))
+    keys = [emb.vision_key(e, variant) for e in ("resnet50", "uni", "hipt")]  # 224 and 256 px inputs
+    assert _run(instance, resources, weights, "demo_01", [slides.raw_slide, step],
+                selection=[slides.RAW_SLIDE, *keys]).success
+    together = {k: SpotEmbedding.load(tmp / "store" / "embeddings" / k.path[-1] / "demo_01.npz") for k in keys}
+    assert together[keys[0]].info["patch_pass_encoders"] == ["resnet50", "uni", "hipt"]
+    assert together[keys[2]].info["input_size"] == 256 and together[keys[0]].info["input_size"] == 224
+    for key in keys:
+        assert _run(instance, resources, weights, "demo_01", [slides.raw_slide, step], selection=[key]).success
+        alone = SpotEmbedding.load(tmp / "store" / "embeddings" / key.path[-1] / "demo_01.npz")
+        assert alone.info["patch_pass_encoders"] == [key.path[-1].split("_")[1]]
+        assert alone.values.shape == together[key].values.shape
+        assert (alone.values == together[key].values).all(), key
 
 
 def test_no_weights_configured_names_the_setting(env):
@@ -86,7 +111,7 @@ def test_missing_image_fails_that_slide_only(env):
     weights = ModelWeightsResource(allow_random=True)
     assert _run(instance, resources, weights, "demo_02", [slides.raw_slide]).success
     next((root / "demo_02").glob("*.tif")).unlink()  # image gone after raw_slide was stored
-    result = _run(instance, resources, weights, "demo_02", [slides.raw_slide, VISION_UNI], selection=[VISION_UNI.key])
+    result = _run(instance, resources, weights, "demo_02", [slides.raw_slide, VISION_UNI], selection=[UNI])
     assert not result.success
     assert "demo_02_full_image.tif" in _error(result)
     assert _run(instance, resources, weights, "demo_01", [slides.raw_slide, VISION_UNI]).success
@@ -98,7 +123,7 @@ def test_unreadable_tiff_fails_that_slide_only(env):
     assert _run(instance, resources, weights, "demo_02", [slides.raw_slide]).success
     tif = next((root / "demo_02").glob("*.tif"))
     tif.write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header with no readable image behind it
-    result = _run(instance, resources, weights, "demo_02", [slides.raw_slide, VISION_UNI], selection=[VISION_UNI.key])
+    result = _run(instance, resources, weights, "demo_02", [slides.raw_slide, VISION_UNI], selection=[UNI])
     assert not result.success
     message = _error(result)
     assert "demo_02_full_image.tif" in message and "unreadable image" in message

@@ -277,7 +277,7 @@ def test_collapsed_scan_clustering_fails_the_method_check_and_is_in_duckdb(env):
     path = store / "embeddings" / f"vision_{MATRIX.image_only_vision}" / "demo_01.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     SpotEmbedding(two_points(raw.n_obs), list(raw.obs_names), {"weights": "random"}).save(path)
-    vision = next(a for a in emb.vision_embeddings if a.key == fa.vision_input_key(MATRIX.image_only_vision))
+    vision = emb.vision_asset_for(fa.vision_input_key(MATRIX.image_only_vision))
     result = materialize([slides.raw_slide, vision, SCAN], partition_key="demo_01", instance=instance,
                          resources=resources, selection=[SCAN.key])
     assert result.success

@@ -33,7 +33,8 @@ from tests.conftest import slide_resources
 
 SLIDE = "demo_01"
 GENE_PCA = next(a for a in emb.gene_embeddings if a.key == emb.gene_key("pca"))
-VISION_RESNET = next(a for a in emb.vision_embeddings if a.key == emb.vision_key("resnet50", "standard"))
+RESNET_KEY = emb.vision_key("resnet50", "standard")
+VISION_STANDARD = emb.vision_asset_for(RESNET_KEY)  # the step of every `standard` encoder
 KMEANS_KEY = fa.clustering_key("gene_pca", "kmeans")
 KMEANS = next(a for a in fa.clusterings if a.key == KMEANS_KEY)
 KMEANS_METRICS = next(a for a in fa.clustering_metrics if a.key == fa.metrics_key(KMEANS_KEY))
@@ -73,10 +74,11 @@ def no_image_run(tiny_slides, tmp_path_factory):
             raise AssertionError("a vision model was built for a slide without any image")
 
         mp.setattr("mihd_assets.embeddings.vision.build_encoder", no_model)
+        gene_only = [slides.raw_slide, *slides.preprocessed_slides, slides.slide_qc_metrics, GENE_PCA, KMEANS,
+                     KMEANS_METRICS]
         result = materialize(
-            [slides.raw_slide, *slides.preprocessed_slides, slides.slide_qc_metrics, GENE_PCA, KMEANS,
-             KMEANS_METRICS, VISION_RESNET],
-            partition_key=SLIDE, instance=instance, resources=resources, raise_on_error=False,
+            [*gene_only, VISION_STANDARD], partition_key=SLIDE, instance=instance, resources=resources,
+            selection=[key for a in gene_only for key in a.keys] + [RESNET_KEY], raise_on_error=False,
         )
     return SimpleNamespace(result=result, instance=instance, resources=resources, store=store,
                            database=tmp / "m.duckdb")
@@ -102,7 +104,7 @@ def test_raw_slide_materializes_with_the_tissue_checks_not_applicable(no_image_r
 def test_gene_only_assets_and_their_metric_rows_run(no_image_run):
     result = no_image_run.result
     failed = _failures(result)
-    assert set(failed) == {"embeddings__vision_resnet50_standard"}, failed
+    assert set(failed) == {emb.vision_op_name("standard")}, failed
     materialized = {e.asset_key for e in result.get_asset_materialization_events()}
     assert {slides.RAW_SLIDE, *(a.key for a in slides.preprocessed_slides), slides.slide_qc_metrics.key,
             GENE_PCA.key, KMEANS_KEY, KMEANS_METRICS.key} <= materialized
@@ -121,7 +123,7 @@ def test_gene_only_assets_and_their_metric_rows_run(no_image_run):
 
 
 def test_vision_embedding_fails_at_once_naming_the_slide(no_image_run):
-    message = _failures(no_image_run.result)["embeddings__vision_resnet50_standard"]
+    message = _failures(no_image_run.result)[emb.vision_op_name("standard")]
     assert f"slide '{SLIDE}' has no image" in message
     assert "vision embedding vision_resnet50_standard" in message
 
@@ -136,8 +138,7 @@ def test_image_readers_refuse_the_slide_even_with_a_stored_vision_embedding(no_i
     for name in ("vision_uni2_standard", "vision_uni2_staig_strict"):
         SpotEmbedding(values, list(raw.obs_names), {"weights": "random"}).save(
             store / "embeddings" / name / f"{SLIDE}.npz")
-    vision_assets = [a for a in emb.vision_embeddings if a.key in (
-        emb.vision_key("uni2", "standard"), emb.vision_key("uni2", "staig_strict"))]
+    vision_assets = [emb.vision_asset_for(emb.vision_key("uni2", v)) for v in ("standard", "staig_strict")]
     targets = [VISION_CLUSTERING, SCAN, STAIG]
     result = materialize(
         [slides.raw_slide, *slides.preprocessed_slides, *vision_assets, *targets],
