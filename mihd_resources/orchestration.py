@@ -69,13 +69,15 @@ def nightly_condition(cron: str = NIGHTLY_CRON, window_end_cron: str = NIGHTLY_W
       later evaluation of the same window, so unchanged data never cascades.
     - Nothing is requested while a dependency is missing or in progress, while the partition
       itself is in progress, or when a dependency's blocking check (e.g. ``spots_on_tissue``)
-      failed.
+      failed with ERROR severity. A WARN failure (``spots_on_tissue`` "not applicable: no
+      image" on a slide without images) holds nothing back, as in a run, where Dagster stops
+      downstream steps only for ERROR failures of blocking checks.
     """
     ready = (
         ~AutomationCondition.any_deps_missing()
         & ~AutomationCondition.any_deps_in_progress()
         & ~AutomationCondition.in_progress()
-        & AutomationCondition.all_deps_blocking_checks_passed()
+        & all_deps_blocking_checks_without_error()
     )
     new = AutomationCondition.newly_missing().since_last_handled().with_label("newly missing")
     in_window = AutomationCondition.cron_tick_passed(cron, timezone).since(
@@ -92,6 +94,81 @@ def nightly_condition(cron: str = NIGHTLY_CRON, window_end_cron: str = NIGHTLY_W
         | (AutomationCondition.code_version_changed() | new_upstream_data).since_last_handled()
     ).with_label("missing, new code version or new upstream data version")
     return ((new | (in_window & changed)) & ready).with_label("nightly backfill")
+
+
+class BlockingCheckFailedWithError(AutomationCondition):
+    """True for the partitions of an asset whose latest materialization has a blocking check
+    that failed with ERROR severity (or was planned and never evaluated: the check crashed).
+
+    Dagster's ``all_deps_blocking_checks_passed`` differs in two ways that matter here: it
+    treats a WARN failure like an ERROR one, so a slide without images (its tissue check
+    "not applicable", a WARN) would never get its gene-only assets requested although a run
+    materializes them (a run stops downstream steps only for ERROR failures of blocking
+    checks); and a check on a partitioned asset is one unpartitioned entity to it, so the
+    latest evaluation of any slide decides for every slide. This reads each partition's own
+    latest evaluation.
+    """
+
+    @property
+    def name(self) -> str:
+        return "blocking_check_failed_with_error"
+
+    @property
+    def description(self) -> str:
+        return "a blocking check of the latest materialization failed with ERROR severity"
+
+    async def evaluate(self, context):
+        from dagster import AssetCheckSeverity, AssetRecordsFilter, AutomationResult
+        from dagster._core.definitions.partitions.context import partition_loading_context
+        from dagster import DagsterEventType
+
+        graph, view = context.asset_graph, context.asset_graph_view
+        blocking = [k for k in graph.get(context.key).check_keys if graph.get(k).blocking]
+        if not blocking or context.candidate_subset.is_empty:
+            return AutomationResult(context, context.get_empty_subset())
+        instance = view.instance
+        if context.partitions_def is None:
+            partitions: list[str | None] = [None]
+        else:
+            with partition_loading_context(new_ctx=view.partition_loading_context):
+                partitions = sorted(context.candidate_subset.expensively_compute_partition_keys())
+
+        def failed_with_error(partition: str | None) -> bool:
+            latest = instance.fetch_materializations(
+                AssetRecordsFilter(asset_key=context.key, asset_partitions=[partition] if partition else None),
+                limit=1).records
+            if not latest:
+                return False  # missing: any_deps_missing holds the child back
+            # The checks evaluated against exactly this materialization, from its run's events.
+            evaluations = {}
+            for entry in instance.all_logs(latest[0].run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION):
+                evaluation = entry.asset_check_evaluation
+                target = evaluation.target_materialization_data if evaluation else None
+                if target is not None and target.storage_id == latest[0].storage_id:
+                    evaluations[evaluation.asset_check_key] = evaluation
+            for check_key in blocking:
+                evaluation = evaluations.get(check_key)
+                if evaluation is None:
+                    return True  # planned and never evaluated (the check crashed or was skipped)
+                if not evaluation.passed and evaluation.severity == AssetCheckSeverity.ERROR:
+                    return True
+            return False
+
+        bad = {p for p in partitions if failed_with_error(p)}
+        if context.partitions_def is None:
+            subset = context.candidate_subset if bad else context.get_empty_subset()
+        else:
+            subset = view.get_subset_from_partition_keys(context.key, context.partitions_def, bad)
+        return AutomationResult(context, subset)
+
+
+def all_deps_blocking_checks_without_error() -> AutomationCondition:
+    """True where no dependency's latest materialization has a blocking check that failed with
+    ERROR severity (passed or failed with WARN), or where the dependency is requested on this
+    tick (its run's checks then gate the child, as in ``all_deps_blocking_checks_passed``)."""
+    return AutomationCondition.all_deps_match(
+        ~BlockingCheckFailedWithError() | AutomationCondition.will_be_requested()
+    ).with_label("all_deps_blocking_checks_without_error")
 
 
 def changed_data_versions(instance, key: AssetKey, current: dict[str, str]) -> DataVersionsByPartition:

@@ -12,7 +12,7 @@ from mihd_resources.orchestration import changed_data_versions, nightly_conditio
 P = dg.DynamicPartitionsDefinition(name="slides")
 SOURCE = dg.AssetKey(["files"])
 VERSIONS: dict[str, str] = {}
-CHECK_PASSES: dict[str, bool] = {}
+CHECK_PASSES: dict[str, bool | str] = {}  # False: fails with ERROR; "warn": fails with WARN
 
 
 @dg.observable_source_asset(key=SOURCE, partitions_def=P)
@@ -24,7 +24,9 @@ def files(context):
           check_specs=[dg.AssetCheckSpec("gate", asset="raw", blocking=True)])
 def raw(context):
     yield dg.Output(1, data_version=dg.DataVersion(VERSIONS[context.partition_key]))
-    yield dg.AssetCheckResult(check_name="gate", passed=CHECK_PASSES.get(context.partition_key, True))
+    outcome = CHECK_PASSES.get(context.partition_key, True)
+    severity = dg.AssetCheckSeverity.WARN if outcome == "warn" else dg.AssetCheckSeverity.ERROR
+    yield dg.AssetCheckResult(check_name="gate", passed=outcome is True, severity=severity)
 
 
 @dg.asset(partitions_def=P, code_version="1")
@@ -82,17 +84,30 @@ def test_new_partitions_at_once_changes_only_at_night_children_after_parents():
     assert got == set()
 
 
-def test_failed_blocking_check_holds_back_children():
+def test_blocking_check_error_holds_back_children_a_warn_failure_does_not():
+    """An ERROR failure of a blocking check holds the partition's children back. A WARN failure of a blocking check (a slide without images: its tissue check is "not
+    applicable") does not stop a run's downstream steps, so it does not hold back the nightly
+    automation either; an ERROR failure on another partition still does."""
     instance = dg.DagsterInstance.ephemeral()
     VERSIONS.clear()
-    VERSIONS.update(b="v1")
-    CHECK_PASSES["b"] = False
-    instance.add_dynamic_partitions("slides", ["b"])
+    VERSIONS.update(w="v1", e="v1", ok="v1")
+    CHECK_PASSES.update(w="warn", e=False)
+    day = dt.datetime(2026, 12, 1, 14, 0, tzinfo=dt.timezone.utc)
+    _, cursor = _requested(instance, day - dt.timedelta(minutes=1))
+    instance.add_dynamic_partitions("slides", ["w", "e", "ok"])
     _observe(instance)
-    result = dg.materialize([files, raw, child], selection=["raw"], instance=instance, partition_key="b",
-                            raise_on_error=False)
-    assert result.get_asset_check_evaluations()[0].passed is False
+    got, cursor = _requested(instance, day, cursor)
+    # New slides: raw and child in one tick (the run machinery holds the child back on ERROR).
+    assert {("raw", p) for p in ("w", "e", "ok")} <= got
+    for partition in ("w", "e", "ok"):  # only raw ran (the child's run never happened)
+        result = dg.materialize([files, raw, child], selection=["raw"], instance=instance,
+                                partition_key=partition, raise_on_error=False)
+        (evaluation,) = result.get_asset_check_evaluations()
+        assert evaluation.passed is (partition == "ok")
+    got, cursor = _requested(instance, day + dt.timedelta(minutes=1), cursor)
+    assert got == set()  # requested once already; the rest waits for the nightly window
     night = dt.datetime(2026, 12, 2, 2, 1, tzinfo=dt.timezone.utc)
-    got, _ = _requested(instance, night)
-    assert ("child", "b") not in got
-    CHECK_PASSES.pop("b")
+    got, _ = _requested(instance, night, cursor)
+    assert got == {("child", "w"), ("child", "ok")}  # not ("child", "e"): its check failed with ERROR
+    CHECK_PASSES.pop("w")
+    CHECK_PASSES.pop("e")
