@@ -8,7 +8,10 @@ status is asked again, and children whose parents got a new data version join th
 children of a parent whose content did not change stay in sync and are not recomputed.
 
 A partition downstream of a failed blocking check (``spots_on_tissue``) is reported as
-blocked, not retried, until its input files change.
+blocked, not retried, until its input files change. On a slide without any image (its
+``raw_slide`` says ``has_image: false``) the vision embeddings and everything downstream of
+them are not planned and are listed as such: they fail by design there (naming the slide),
+so retrying them on every run would only repeat the failure; the gene-only assets run.
 
 Each unit's run goes through Dagster's multiprocess executor, run by this process (or, when
 several units run at once, by a child process of it each), so logs and errors stay in the
@@ -35,8 +38,9 @@ from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
 from dagster._utils.interrupts import capture_interrupts, check_captured_interrupt
 
-from mihd_assets.slides.assets import BLOCKING_GATES
-from mihd_resources.orchestration import step_errors
+from mihd_assets.embeddings.assets import VISION_KEYS
+from mihd_assets.slides.assets import BLOCKING_GATES, RAW_SLIDE
+from mihd_resources.orchestration import slides_partitions, step_errors
 
 
 @dataclass
@@ -59,6 +63,8 @@ class UnitPlan:
     blocked: str | None = None
     # Missing or unsynced, but an ancestor is unsynced or has planned work in another partition.
     waiting: dict[AssetKey, str] = field(default_factory=dict)
+    # Missing or unsynced, but they need the slide's pixels and the slide has no image.
+    needs_image: dict[AssetKey, str] = field(default_factory=dict)
 
 
 def _resolver(instance: DagsterInstance, graph):
@@ -116,9 +122,36 @@ def _blocked(instance: DagsterInstance, graph, unit: Unit) -> str | None:
     return None
 
 
+def _has_no_image(instance: DagsterInstance, unit: Unit) -> bool:
+    """Whether the unit's slide was read without any image (its latest ``raw_slide`` says so)."""
+    if unit.partition is None or unit.partitions_name != slides_partitions.name:
+        return False
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=RAW_SLIDE, asset_partitions=[unit.partition]), limit=1, ascending=False
+    ).records
+    if not records:
+        return False
+    value = records[0].asset_materialization.metadata.get("has_image")
+    return getattr(value, "value", value) is False
+
+
+def image_bound_keys(graph) -> set[AssetKey]:
+    """The vision embeddings and every asset downstream of one."""
+    bound = {key for key in VISION_KEYS if graph.has(key)}
+    frontier = list(bound)
+    while frontier:
+        for child in graph.get(frontier.pop()).child_keys:
+            if child not in bound:
+                bound.add(child)
+                frontier.append(child)
+    return bound
+
+
 def plan(instance: DagsterInstance, graph, units: list[Unit]) -> list[UnitPlan]:
-    """Per unit: what Dagster reports missing or unsynced now, minus what must wait or is blocked."""
+    """Per unit: what Dagster reports missing or unsynced now, minus what must wait, what needs
+    an image the slide does not have, and what is blocked."""
     resolver = _resolver(instance, graph)
+    image_bound = None
     plans = []
     for unit in units:
         p = UnitPlan(unit)
@@ -129,6 +162,10 @@ def plan(instance: DagsterInstance, graph, units: list[Unit]) -> list[UnitPlan]:
                 p.todo[key] = "missing"
             elif status == "STALE":
                 p.todo[key] = _reason(resolver, key, unit.partition)
+        if p.todo and _has_no_image(instance, unit):
+            image_bound = image_bound if image_bound is not None else image_bound_keys(graph)
+            p.needs_image = {k: r for k, r in p.todo.items() if k in image_bound}
+            p.todo = {k: r for k, r in p.todo.items() if k not in image_bound}
         if p.blocked:
             # Only the gate itself may re-run, and only once its inputs changed (it is unsynced).
             p.todo = {k: r for k, r in p.todo.items() if k in BLOCKING_GATES and r != "missing"}
@@ -434,6 +471,7 @@ def execute(defs, instance: DagsterInstance, units: list[Unit], *, dry_run: bool
     failed: dict[str, str] = {}
     blocked: dict[str, str] = {}
     announced_fresh: set[str] = set()
+    announced_no_image: set[str] = set()
     for wave in range(1, max_waves + 1):
         plans = [p for p in plan(instance, graph, units) if p.unit.label not in failed]
         launches = []
@@ -444,6 +482,10 @@ def execute(defs, instance: DagsterInstance, units: list[Unit], *, dry_run: bool
                     blocked[label] = p.blocked
                     echo(f"{label}: blocked - {p.blocked}")
                 continue
+            if p.needs_image and label not in announced_no_image:
+                echo(f"{label}: not planned, the slide has no image: {describe(p.needs_image, full=dry_run)} "
+                     "(vision embeddings and what is computed from them)", flush=True)
+                announced_no_image.add(label)
             if dry_run and p.waiting:
                 echo(f"{label}: after their upstream, {describe(p.waiting, full=True)}", flush=True)
             if not p.todo:

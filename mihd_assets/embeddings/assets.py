@@ -274,9 +274,9 @@ def vision_asset_for(key: AssetKey):
         if key in definition.keys:
             return definition
     raise KeyError(f"no vision embedding asset computes {key.to_user_string()}")
-ALL_EMBEDDING_KEYS = [gene_key(e) for e in MATRIX.gene_encoders] + [
-    vision_key(e, v) for e in MATRIX.vision_encoders for v in MATRIX.vision_variants
-]
+# The assets that read a slide's pixels first; everything downstream of them needs an image too.
+VISION_KEYS = [vision_key(e, v) for e in MATRIX.vision_encoders for v in MATRIX.vision_variants]
+ALL_EMBEDDING_KEYS = [gene_key(e) for e in MATRIX.gene_encoders] + VISION_KEYS
 
 
 @asset(

@@ -143,3 +143,24 @@ def test_failed_tissue_check_blocks_downstream(mixed_root, tmp_path):
     assert instance.get_materialized_partitions(AssetKey(["slides", "preprocessed_slide_standard"])) == set()
     again = run_cli(["materialize", "--only", "slides"], env)
     assert again.returncode == 1 and "blocked" in again.stdout and "fix the input files" in again.stdout
+
+
+def test_slide_without_images_is_not_retried_for_its_vision_assets(mixed_root, tmp_path):
+    """Once raw_slide recorded that a slide has no image, `mihd materialize` lists its vision
+    embeddings and what is computed from them as not planned (they fail by design there)
+    instead of retrying them on every run; its gene-only embeddings stay planned."""
+    shutil.rmtree(mixed_root / "demo_02")
+    folder = mixed_root / "demo_01"
+    for image in [*folder.glob("*.tif"), *(folder / "spatial").glob("tissue_*_image.png")]:
+        image.unlink()
+    env = home_env(tmp_path / "home", mixed_root)
+    first = run_cli(["materialize", "--only", "slides"], env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    dry = run_cli(["materialize", "--only", "embeddings", "--dry-run"], env)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    planned, _, rest = dry.stdout.partition("not planned, the slide has no image")
+    assert rest, dry.stdout
+    assert "embeddings/vision_resnet50_standard (missing)" in rest.split("materializing")[0]
+    materializing = dry.stdout[dry.stdout.index("materializing"):]
+    assert "embeddings/gene_pca (missing)" in materializing
+    assert "vision_" not in materializing.split("(dry run")[0]

@@ -69,6 +69,7 @@ E3_PER_IMAGE = {  # (gating, min_area) -> (TP, FP, FN)
 E4_PER_IMAGE = {8: (4, 2, 2), 16: (6, 4, 0), 32: (6, 4, 0), 64: (6, 4, 0)}
 E1_GENERIC_PER_IMAGE = (6, 4, 0)
 BUDGETS = (2, 3)
+SEEDS = (0, 1)  # two seeds, so the budgets x seeds crossing is checked
 
 
 def _labels(objects: dict) -> np.ndarray:
@@ -111,7 +112,7 @@ def chain(tmp_path, monkeypatch):
     # The full plan's E2 budgets (up to 30 images) exceed the six training images: the assets read
     # their plan through this name at every materialization, so the test shrinks only the budgets.
     plan_for_profile = seg.plan_for_profile
-    monkeypatch.setattr(seg, "plan_for_profile", lambda profile=None: replace(plan_for_profile(profile), budgets=BUDGETS))
+    monkeypatch.setattr(seg, "plan_for_profile", lambda profile=None: replace(plan_for_profile(profile), budgets=BUDGETS, budget_seeds=SEEDS))
     real_segment = cellpose_api.segment
 
     def segment(model, images, settings=cellpose_api.EvalSettings()):
@@ -175,7 +176,7 @@ def test_e0_to_e4_assets_write_every_model_budget_and_gating_setting(chain):
                          "(WHERE level = 'total') FROM segmentation_metrics WHERE experiment = 'E2' "
                          "GROUP BY ALL ORDER BY 1, 2").fetchall()
         expected = list(product(plan.budgets, plan.budget_seeds))
-        assert plan.budgets == BUDGETS and plan.budget_seeds == (0, 1)  # the demo profile's seeds
+        assert plan.budgets == BUDGETS and plan.budget_seeds == SEEDS
         assert e2 == [(b, s, f"budget_{b}_seed_{s}", N_TEST, 1) for b, s in expected]
         runs = con.execute("SELECT budget, seed, model, n_train_given, n_epochs FROM segmentation_models "
                            "WHERE experiment = 'E2' ORDER BY 1, 2").fetchall()
