@@ -5,6 +5,7 @@
     mihd materialize          register new slides, materialize missing or stale assets
     mihd sql "SELECT ..."     run read-only SQL against the metrics database
     mihd import-embeddings D  record an old embeddings_cache/ folder as embedding materializations
+    mihd cells-from-slide S   turn a labelled Visium slide into a cell dataset with hidden positions
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def cmd_demo_data(args) -> int:
 
 
 def _register_partitions(instance, echo=print) -> None:
-    """Register new slide and donor folders as partitions (invalid names are refused)."""
+    """Register new slide, donor and cell dataset folders as partitions (invalid names are refused)."""
     from dagster_project.sensors import discover_slides
+    from mihd_assets.geometry.cell_datasets import cell_datasets_partitions, discover_cell_datasets
     from mihd_assets.segmentation.partitions import discover_donors, donors_partitions
     from mihd_resources import StorageResource
     from mihd_resources.orchestration import slides_partitions
@@ -58,6 +60,8 @@ def _register_partitions(instance, echo=print) -> None:
     found = [(discover_slides(storage, instance), slides_partitions)]
     if settings.tiles_root().is_dir():
         found.append((discover_donors(instance), donors_partitions))
+    if settings.cells_root().is_dir():
+        found.append((discover_cell_datasets(instance), cell_datasets_partitions))
     for (new, refused), pdef in found:
         for message in refused:
             print(f"refused: {message}", file=sys.stderr)
@@ -70,10 +74,11 @@ def _observe_sources(defs, instance) -> None:
     """Observe every input source (slide folders, donor tiles, annotations, clinical table)."""
     from dagster_project.jobs import OBSERVE_SLIDES_JOB_NAME
     from dagster_project.materialize import launcher_tags
+    from mihd_assets.geometry.cell_datasets import OBSERVE_CELLS_JOB_NAME
     from mihd_assets.segmentation.partitions import OBSERVE_JOB_NAME
     from mihd_resources.orchestration import step_errors
 
-    for name in (OBSERVE_SLIDES_JOB_NAME, OBSERVE_JOB_NAME):
+    for name in (OBSERVE_SLIDES_JOB_NAME, OBSERVE_JOB_NAME, OBSERVE_CELLS_JOB_NAME):
         result = defs.resolve_job_def(name).execute_in_process(
             instance=instance, raise_on_error=False, tags={"mihd/launched_by": "mihd materialize", **launcher_tags()},
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
@@ -83,8 +88,10 @@ def _observe_sources(defs, instance) -> None:
 
 
 def _units(defs, instance, partitions: list[str] | None, groups: list[str] | None):
-    """One unit per slide, one for the unpartitioned assets, one per donor (the order runs go in)."""
+    """One unit per slide, one for the unpartitioned assets, one per donor, one per cell dataset
+    (the order runs go in)."""
     from dagster_project.materialize import Unit
+    from mihd_assets.geometry.cells import CELL_DATASETS
     from mihd_assets.segmentation.partitions import donors_partitions
     from mihd_resources.orchestration import slides_partitions
 
@@ -109,6 +116,8 @@ def _units(defs, instance, partitions: list[str] | None, groups: list[str] | Non
         units.append(Unit(None, None, by_partitioning.get(None, [])))
         for donor in instance.get_dynamic_partitions(donors_partitions.name):
             units.append(Unit(donors_partitions.name, donor, by_partitioning.get(donors_partitions.name, [])))
+        for dataset in instance.get_dynamic_partitions(CELL_DATASETS):
+            units.append(Unit(CELL_DATASETS, dataset, by_partitioning.get(CELL_DATASETS, [])))
     return [u for u in units if u.keys]
 
 
@@ -296,6 +305,50 @@ def cmd_import_embeddings(args) -> int:
     return 1 if failures else 0
 
 
+def cmd_cells_from_slide(args) -> int:
+    """Write an expression-only cell dataset made from a slide's spots (positions hidden in
+    obsm['spatial_truth'], labels as obs['cell_type']) under the cells root."""
+    from mihd_assets.geometry.cells import CELL_DATASETS, CellSplit, cells_from_slide, write_cells
+    from mihd_assets.slides.io import SlideInputError, read_slide
+    from mihd_resources import StorageResource
+    from mihd_resources.storage import InvalidPartitionKey, validate_partition_key
+
+    given = Path(args.slide)
+    try:
+        if given.exists():
+            source, slide_id = given, given.name[: -len(".h5ad")] if given.name.endswith(".h5ad") else given.name
+        else:
+            slide_id = args.slide
+            source = StorageResource(slides_root=str(settings.slides_root())).slide_source(slide_id)
+            if not source.exists():
+                print(f"mihd cells-from-slide: no slide {slide_id!r} under {settings.slides_root()} (MIHD_DATA_ROOT) "
+                      "and no such path", file=sys.stderr)
+                return 2
+        name = validate_partition_key(args.name or f"{slide_id}_cells", CELL_DATASETS)
+    except (InvalidPartitionKey, SlideInputError) as exc:
+        print(f"mihd cells-from-slide: {exc}", file=sys.stderr)
+        return 2
+    target = Path(args.out) if args.out else settings.cells_root() / f"{name}.h5ad"
+    if target.exists() and not args.force:
+        print(f"mihd cells-from-slide: {target} exists; --force replaces it", file=sys.stderr)
+        return 1
+    try:
+        adata = read_slide(source, slide_id)
+        cells = cells_from_slide(adata, slide_id, CellSplit(cells_per_spot=args.cells_per_spot, seed=args.seed))
+    except (SlideInputError, ValueError) as exc:
+        print(f"mihd cells-from-slide: {exc}", file=sys.stderr)
+        return 1
+    write_cells(cells, target)
+    n_spots = cells.uns["cells_from_slide"]["n_spots"]
+    labels = ("cell_type from the slide's labels" if "cell_type" in cells.obs
+              else "the slide has no labels, so no obs['cell_type']")
+    print(f"{target}: {cells.n_obs} cells x {cells.n_vars} genes from the {n_spots} spots on tissue of {slide_id} "
+          f"({args.cells_per_spot} per spot); positions only in obsm['spatial_truth']; {labels}")
+    print("next: mihd materialize registers it as a cell_datasets partition, places it (geometry/cell_placement) "
+          "and scores it (geometry/cell_placement_evaluation)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     os.environ.setdefault("MIHD_PROFILE", "demo")
     # Offline demo: encoders without local weights run randomly initialised, and every
@@ -363,6 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slide", action="append", help="only this slide (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="check and print, store nothing")
     p.set_defaults(fn=cmd_import_embeddings)
+    p = sub.add_parser("cells-from-slide", help="make a cell dataset with hidden positions from a labelled slide")
+    p.add_argument("slide", help="a slide under the data root (its partition key), or the path of a slide folder / .h5ad")
+    p.add_argument("--cells-per-spot", type=int, default=2, help="cells each spot on tissue is split into (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", help="the dataset's name (default <slide>_cells)")
+    p.add_argument("--out", help="where to write the .h5ad (default <cells root>/<name>.h5ad; MIHD_CELLS_ROOT)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(fn=cmd_cells_from_slide)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

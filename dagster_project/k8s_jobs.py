@@ -33,6 +33,8 @@ from dagster_k8s.job import USER_DEFINED_K8S_CONFIG_KEY
 from mihd_assets.embeddings import assets as embedding_assets
 from mihd_assets.fusion import assets as fusion_assets
 from mihd_assets.geometry import assets as geometry_assets
+from mihd_assets.geometry import placement_assets
+from mihd_assets.geometry.cell_datasets import cell_datasets_partitions
 from mihd_assets.reports import assets as report_assets
 from mihd_assets.segmentation import assets as segmentation_assets
 from mihd_assets.segmentation.definitions import BENCHMARK_KEYS, E5_DONOR_KEYS
@@ -44,12 +46,14 @@ SLIDE_K8S_JOB_NAME = "slide_pipeline_k8s"
 GEOMETRY_K8S_JOB_NAME = "geometry_k8s"
 SEGMENTATION_BENCHMARK_K8S_JOB_NAME = "segmentation_benchmark_k8s"
 SEGMENTATION_E5_DONOR_K8S_JOB_NAME = "segmentation_e5_donor_k8s"
+CELL_PLACEMENT_K8S_JOB_NAME = "cell_placement_k8s"
 K8S_JOB_NAMES = (SLIDE_K8S_JOB_NAME, GEOMETRY_K8S_JOB_NAME, SEGMENTATION_BENCHMARK_K8S_JOB_NAME,
-                 SEGMENTATION_E5_DONOR_K8S_JOB_NAME)
+                 SEGMENTATION_E5_DONOR_K8S_JOB_NAME, CELL_PLACEMENT_K8S_JOB_NAME)
 EXECUTOR_NAME = "mihd_k8s_step_executor"
 
 # The modules whose assets run in these jobs (the slide pipeline's and the research families').
-ASSET_MODULES = (slide_assets, embedding_assets, fusion_assets, report_assets, geometry_assets, segmentation_assets)
+ASSET_MODULES = (slide_assets, embedding_assets, fusion_assets, report_assets, geometry_assets, placement_assets,
+                 segmentation_assets)
 SLIDE_PIPELINE_MODULES = (slide_assets, embedding_assets, fusion_assets, report_assets)
 
 
@@ -95,10 +99,11 @@ def k8s_step_executor(assets: list[AssetsDefinition], settings: K8sStepSettings 
 
 
 def k8s_jobs(settings: K8sStepSettings | None = None) -> list:
-    """The Kubernetes variants of the slide, geometry and segmentation jobs (one pod per step)."""
+    """The Kubernetes variants of the slide, geometry, cell placement and segmentation jobs (one pod per step)."""
     assets = _assets(ASSET_MODULES)
     executor = k8s_step_executor(assets, settings)
     slide_keys = [k for a in _assets(SLIDE_PIPELINE_MODULES) if a.partitions_def == slides_partitions for k in a.keys]
+    placement_keys = [a.key for a in placement_assets.PLACEMENT_ASSETS]
     return [
         define_asset_job(
             SLIDE_K8S_JOB_NAME, selection=AssetSelection.assets(*slide_keys), partitions_def=slides_partitions,
@@ -107,8 +112,14 @@ def k8s_jobs(settings: K8sStepSettings | None = None) -> list:
             "(GPU steps on GPU nodes, per family settings from MIHD_K8S_CONFIG).",
         ),
         define_asset_job(
-            GEOMETRY_K8S_JOB_NAME, selection=AssetSelection.groups(geometry_assets.GROUP), executor_def=executor,
-            description="The geometry family, each step in its own Kubernetes pod.",
+            GEOMETRY_K8S_JOB_NAME, executor_def=executor,
+            selection=AssetSelection.groups(geometry_assets.GROUP) - AssetSelection.assets(*placement_keys),
+            description="The geometry family (training, checkpoint, evaluation), each step in its own Kubernetes pod.",
+        ),
+        define_asset_job(
+            CELL_PLACEMENT_K8S_JOB_NAME, selection=AssetSelection.assets(*placement_keys),
+            partitions_def=cell_datasets_partitions, executor_def=executor,
+            description="One cell dataset's placement and its evaluation, each step in its own Kubernetes pod.",
         ),
         define_asset_job(
             SEGMENTATION_BENCHMARK_K8S_JOB_NAME, selection=AssetSelection.assets(*BENCHMARK_KEYS),

@@ -32,6 +32,13 @@ def tiles_root() -> Path:
     return Path(env).resolve() if env else demo_root() / "rosmap" / "tiles"
 
 
+def cells_root() -> Path:
+    """Expression-only cell datasets to place, one ``.h5ad`` / 10x ``.h5`` / MTX folder each
+    (``MIHD_CELLS_ROOT``; demo default)."""
+    env = os.environ.get("MIHD_CELLS_ROOT")
+    return Path(env).resolve() if env else demo_root() / "cells"
+
+
 def clinical_table() -> Path:
     """The donors' clinical outcomes table (``MIHD_CLINICAL``; demo default)."""
     env = os.environ.get("MIHD_CLINICAL")

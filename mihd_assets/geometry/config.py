@@ -95,6 +95,8 @@ class GeometryPlan:
     dims: int = 2
     pca_genes: int = 200  # spatially variable genes (Moran's I on the training slides)
     pca_components: int = 32
+    # Slides whose gene lists differ train on the genes they all share; fewer than this is an error.
+    min_shared_genes: int = 50
     seed: int = 0
     knn_k: int = 10
     # Inference: generator -> noise at sigma_refine_factor x sigma_data -> a few Heun steps. With
@@ -134,6 +136,7 @@ def geometry_plan() -> GeometryPlan:
         train_slides=_slides_from_env("MIHD_GEOMETRY_TRAIN_SLIDES", DEFAULT_TRAIN),
         heldout_slides=_slides_from_env("MIHD_GEOMETRY_HELDOUT_SLIDES", DEFAULT_HELDOUT),
         gene_encoder=os.environ.get("MIHD_GEOMETRY_ENCODER", "shared_pca"),
+        min_shared_genes=int(os.environ.get("MIHD_GEOMETRY_MIN_SHARED_GENES", "50")),
     )
 
 

@@ -40,7 +40,7 @@ def build_training_set(adatas: Mapping[str, ad.AnnData], plan: GeometryPlan, siz
             )
     if plan.gene_encoder == "shared_pca":
         enc = fit_shared_pca({s: adatas[s] for s in plan.train_slides}, {s: adatas[s] for s in wanted},
-                             plan.pca_genes, plan.pca_components, plan.seed)
+                             plan.pca_genes, plan.pca_components, plan.seed, plan.min_shared_genes)
         features = {s: enc.transform(adatas[s], s) for s in wanted}
         encoder_info, encoder_state = enc.describe(), {"kind": "shared_pca", **enc.state()}
     else:

@@ -64,6 +64,9 @@ class SharedPCAEncoder:
     score_scale: float  # one scale for all components: their relative variances carry the signal
     explained_variance_ratio: np.ndarray
     morans_i: float  # mean Moran's I of the chosen genes on the training slides
+    n_shared_genes: int = 0  # genes present in every slide, the ones the encoder chose from
+    # Ensembl ids of `genes` (from the training slides' var["gene_ids"]), so cells named by id can be encoded
+    gene_ids: list[str] | None = None
 
     def transform(self, adata: ad.AnnData, slide_id: str) -> np.ndarray:
         missing = [g for g in self.genes if g not in adata.var_names]
@@ -79,6 +82,7 @@ class SharedPCAEncoder:
             "n_components": int(self.components.shape[0]),
             "explained_variance_total": float(self.explained_variance_ratio.sum()),
             "genes_mean_morans_i": round(self.morans_i, 4),
+            "n_shared_genes": self.n_shared_genes,
             "fitted_on": "training slides only",
             "normalization": "normalize_total(1e4) -> log1p -> spatially variable genes (Moran's I, training slides) -> "
                              "z-score per gene within each slide -> PCA (training) -> / RMS of the first component",
@@ -86,7 +90,9 @@ class SharedPCAEncoder:
 
     def state(self) -> dict:
         """Arrays to store beside a checkpoint so new data can be encoded the same way."""
+        ids = {"gene_ids": list(self.gene_ids)} if self.gene_ids is not None else {}
         return {
+            **ids,
             "genes": list(self.genes),
             "components": self.components.astype(np.float32),
             "score_scale": np.float32(self.score_scale),
@@ -106,8 +112,12 @@ def morans_i(values: np.ndarray, coords: np.ndarray, k: int = 6) -> np.ndarray:
 
 
 def fit_shared_pca(train: Mapping[str, ad.AnnData], all_slides: Mapping[str, ad.AnnData],
-                   n_genes: int, n_components: int, seed: int = 0) -> SharedPCAEncoder:
+                   n_genes: int, n_components: int, seed: int = 0, min_shared_genes: int = 2) -> SharedPCAEncoder:
     """Fit the encoder on ``train`` slides, over genes present in every slide of ``all_slides``.
+
+    Slides whose gene lists differ (each keeping its own top genes, as public data often does)
+    share the genes they all have; fewer than ``min_shared_genes`` of them is an error naming
+    every slide's gene count. The count is recorded (``n_shared_genes``).
 
     Genes are chosen by spatial autocorrelation on the training slides (mean Moran's I),
     not by dispersion: a geometry model needs the genes whose expression follows position,
@@ -122,8 +132,13 @@ def fit_shared_pca(train: Mapping[str, ad.AnnData], all_slides: Mapping[str, ad.
         names = set(map(str, adata.var_names))
         common = names if common is None else common & names
     genes = sorted(common or [])
-    if len(genes) < 2:
-        raise GeometryInputError(f"shared_pca: only {len(genes)} genes are shared by slides {sorted(all_slides)}")
+    if len(genes) < max(2, min_shared_genes):
+        per_slide = {sid: int(a.n_vars) for sid, a in all_slides.items()}
+        raise GeometryInputError(
+            f"shared_pca: the slides share only {len(genes)} genes (genes per slide: {per_slide}); the geometry "
+            f"encoder needs at least {max(2, min_shared_genes)} genes present in every training and held-out slide "
+            "(MIHD_GEOMETRY_MIN_SHARED_GENES): train on slides with more genes in common, or drop the slide "
+            "with the fewest")
     logs = {sid: _log_normalized(a, genes, sid) for sid, a in train.items()}
     score = np.mean([morans_i(logs[sid], np.asarray(train[sid].obsm["spatial"], dtype=float)) for sid in logs], axis=0)
     keep = np.sort(np.argsort(np.nan_to_num(score, nan=-np.inf))[::-1][: min(n_genes, len(genes))])
@@ -137,8 +152,18 @@ def fit_shared_pca(train: Mapping[str, ad.AnnData], all_slides: Mapping[str, ad.
     return SharedPCAEncoder(
         genes=[genes[i] for i in keep], components=pca.components_,
         score_scale=float(np.sqrt(pca.explained_variance_[0])), explained_variance_ratio=pca.explained_variance_ratio_,
-        morans_i=float(np.mean(score[keep])),
+        morans_i=float(np.mean(score[keep])), n_shared_genes=len(genes),
+        gene_ids=_gene_ids(train, [genes[i] for i in keep]),
     )
+
+
+def _gene_ids(slides: Mapping[str, ad.AnnData], genes: list[str]) -> list[str] | None:
+    """The Ensembl ids of ``genes`` from the first slide that records ``var["gene_ids"]``, else None."""
+    for adata in slides.values():
+        if "gene_ids" in adata.var.columns:
+            ids = adata.var["gene_ids"].astype(str)
+            return [str(ids.iloc[adata.var_names.get_loc(g)]) for g in genes]
+    return None
 
 
 def standardize_embeddings(encoder: str, values: Mapping[str, np.ndarray], train_ids: list[str]) -> tuple[dict, dict]:

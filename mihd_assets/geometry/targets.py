@@ -195,8 +195,9 @@ class GeometryTrainingSet:
             }
             encoder = {"kind": header.get("encoder_kind")}
             encoder.update({k[len("encoder_"):]: data[k] for k in data.files if k.startswith("encoder_")})
-        if "genes" in encoder:
-            encoder["genes"] = encoder["genes"].tolist()
+        for name in ("genes", "gene_ids"):
+            if name in encoder:
+                encoder[name] = encoder[name].tolist()
         return cls(slides, splits["train"], splits["heldout"], int(header["dims"]), float(header["sigma_data"]),
                    header["info"], encoder)
 

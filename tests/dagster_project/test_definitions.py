@@ -20,7 +20,8 @@ EXPECTED_ASSETS = {
     "evaluation/clustering_metrics/gene_pca__mclust",
     "reports/slide_figures",
 }
-SOURCES = {"slides/slide_files", "segmentation/donor_tiles", "segmentation/annotations", "segmentation/clinical_outcomes"}
+SOURCES = {"slides/slide_files", "segmentation/donor_tiles", "segmentation/annotations", "segmentation/clinical_outcomes",
+           "geometry/cell_dataset_files"}
 # Per-slide work stays partitioned by slide; families that summarise or learn across slides
 # or donors (geometry, reports, ...) may be unpartitioned and read partitions through mappings.
 PER_SLIDE_GROUPS = {"slides", "embeddings"}

@@ -31,7 +31,8 @@ from tests.conftest import BASE_ENV, REPO
 
 K8S_VERSION = "1.31"
 EXAMPLE = REPO / "deploy" / "k8s" / "step-pods.yaml"
-JOBS = ("slide_pipeline_k8s", "geometry_k8s", "segmentation_benchmark_k8s", "segmentation_e5_donor_k8s")
+JOBS = ("slide_pipeline_k8s", "geometry_k8s", "segmentation_benchmark_k8s", "segmentation_e5_donor_k8s",
+        "cell_placement_k8s")
 
 
 @pytest.fixture(scope="module")
