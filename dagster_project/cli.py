@@ -6,6 +6,8 @@
     mihd sql "SELECT ..."     run read-only SQL against the metrics database
     mihd import-embeddings D  record an old embeddings_cache/ folder as embedding materializations
     mihd cells-from-slide S   turn a labelled Visium slide into a cell dataset with hidden positions
+    mihd relay                run the leaderboard's submission relay (uvicorn)
+    mihd submit ...           package labels as a submission bundle, show it, send it with consent
 """
 
 from __future__ import annotations
@@ -71,14 +73,16 @@ def _register_partitions(instance, echo=print) -> None:
 
 
 def _observe_sources(defs, instance) -> None:
-    """Observe every input source (slide folders, donor tiles, annotations, clinical table)."""
+    """Observe every input source (slide folders, donor tiles, annotations, clinical table, the
+    leaderboard relay's queue)."""
     from dagster_project.jobs import OBSERVE_SLIDES_JOB_NAME
     from dagster_project.materialize import launcher_tags
     from mihd_assets.geometry.cell_datasets import OBSERVE_CELLS_JOB_NAME
+    from mihd_assets.leaderboard.assets import OBSERVE_QUEUE_JOB_NAME
     from mihd_assets.segmentation.partitions import OBSERVE_JOB_NAME
     from mihd_resources.orchestration import step_errors
 
-    for name in (OBSERVE_SLIDES_JOB_NAME, OBSERVE_JOB_NAME, OBSERVE_CELLS_JOB_NAME):
+    for name in (OBSERVE_SLIDES_JOB_NAME, OBSERVE_JOB_NAME, OBSERVE_QUEUE_JOB_NAME, OBSERVE_CELLS_JOB_NAME):
         result = defs.resolve_job_def(name).execute_in_process(
             instance=instance, raise_on_error=False, tags={"mihd/launched_by": "mihd materialize", **launcher_tags()},
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
@@ -374,7 +378,8 @@ def cmd_demo(args) -> int:
         ".venv/bin/dagster dev -w workspace.yaml), then http://127.0.0.1:3000\n"
         f"  DuckDB:  {settings.duckdb_path()}\n"
         '  SQL:     .venv/bin/mihd sql "SELECT * FROM slide_qc_latest"\n'
-        f"  Assets:  {settings.storage_root()}"
+        f"  Assets:  {settings.storage_root()}\n"
+        f"  Leaderboard: {settings.storage_root() / 'reports' / 'leaderboard_site' / 'index.html'}"
     )
     return code
 
@@ -424,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="where to write the .h5ad (default <cells root>/<name>.h5ad; MIHD_CELLS_ROOT)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(fn=cmd_cells_from_slide)
+    from dagster_project.leaderboard_cli import add_parsers as add_leaderboard_parsers
+
+    add_leaderboard_parsers(sub)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

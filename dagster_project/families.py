@@ -13,7 +13,8 @@ from typing import Callable
 
 from dagster import Definitions
 
-FAMILY_DEFINITIONS = ["mihd_assets.geometry.definitions", "mihd_assets.segmentation.definitions"]
+FAMILY_DEFINITIONS = ["mihd_assets.geometry.definitions", "mihd_assets.segmentation.definitions",
+                      "mihd_assets.leaderboard.definitions"]
 # geometry trains on the demo slides; its demo data is a cell dataset made from the held-out one
 FAMILY_DEMOS = ["mihd_assets.segmentation.demo", "mihd_assets.geometry.demo"]
 

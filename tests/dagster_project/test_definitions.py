@@ -22,6 +22,8 @@ EXPECTED_ASSETS = {
 }
 SOURCES = {"slides/slide_files", "segmentation/donor_tiles", "segmentation/annotations", "segmentation/clinical_outcomes",
            "geometry/cell_dataset_files"}
+# The leaderboard relay's queue folder (observed by its sensor and by `mihd materialize`).
+SOURCES |= {"reports/submission_queue"}
 # Per-slide work stays partitioned by slide; families that summarise or learn across slides
 # or donors (geometry, reports, ...) may be unpartitioned and read partitions through mappings.
 PER_SLIDE_GROUPS = {"slides", "embeddings"}
