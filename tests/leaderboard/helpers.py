@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import subprocess
@@ -102,16 +103,16 @@ class Relay:
         raise RuntimeError(f"mihd relay did not answer within {RELAY_STARTUP_S} s ({last}):\n{tail(self.log)}")
 
     def post(self, body: bytes | dict, content_type: str = "application/json",
-             headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
-        """(status, JSON answer, response headers) of one POST /v1/submissions."""
+             headers: dict[str, str] | None = None) -> tuple[int, dict, "http.client.HTTPMessage"]:
+        """(status, JSON answer, response headers: case-insensitive) of one POST /v1/submissions."""
         data = encode(body) if isinstance(body, dict) else body
         request = urllib.request.Request(f"{self.base}/v1/submissions", data=data, method="POST",
                                          headers={"Content-Type": content_type, **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=60) as resp:
-                return resp.status, json.loads(resp.read()), dict(resp.headers)
+                return resp.status, json.loads(resp.read()), resp.headers
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read()), dict(exc.headers)
+            return exc.code, json.loads(exc.read()), exc.headers
 
     def queued(self) -> list[Path]:
         return sorted(self.queue.glob("*.json"))

@@ -115,7 +115,7 @@ BAD = [
      "application/json", 422, "without '..'"),
     ("hash does not match", _wrong_hash, "application/json", 422, "does not match the content"),
     ("too many distinct labels",
-     lambda: encode(make_bundle({"151673": {f"B{i}-1": f"c{i}" for i in range(MAX_DISTINCT_LABELS + 5)}})),
+     lambda: _mutated(lambda b: b["slides"][0].update(labels={f"B{i}-1": f"c{i}" for i in range(MAX_DISTINCT_LABELS + 5)})),
      "application/json", 422, f"{MAX_DISTINCT_LABELS + 5} distinct labels"),
 ]
 
