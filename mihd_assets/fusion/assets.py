@@ -557,6 +557,30 @@ ALL_CLUSTERING_KEYS = [a.key for a in clusterings + image_only_clusterings]
 FIGURE_CLUSTERING_KEYS = [k for k in ALL_CLUSTERING_KEYS if "__rep" not in k.path[-1]]
 
 
+def _reads_pixels(key: AssetKey, parents: dict[AssetKey, set[AssetKey]]) -> bool:
+    """Whether ``key`` is, or is computed from, a vision embedding (walking ``parents``)."""
+    vision = {vision_key(e, v) for e in MATRIX.vision_encoders for v in MATRIX.vision_variants}
+    seen, frontier = set(), [key]
+    while frontier:
+        current = frontier.pop()
+        if current in vision:
+            return True
+        for parent in parents.get(current, ()):
+            if parent not in seen:
+                seen.add(parent)
+                frontier.append(parent)
+    return False
+
+
+_PARENTS = {key: set(a.asset_deps[key]) for a in (*fusion_embeddings, *staig_fusion_embeddings,
+                                                  *staig_no_image_embeddings, *clusterings, *image_only_clusterings)
+            for key in a.keys}
+# The clusterings a slide without any image still gets (gene embeddings, STAIG without its image
+# branch) and those computed from its pixels.
+IMAGE_FREE_FIGURE_KEYS = [k for k in FIGURE_CLUSTERING_KEYS if not _reads_pixels(k, _PARENTS)]
+IMAGE_FIGURE_KEYS = [k for k in FIGURE_CLUSTERING_KEYS if _reads_pixels(k, _PARENTS)]
+
+
 def _dimensions(info: dict) -> dict:
     """The matrix coordinates of one clustering, for its DuckDB rows."""
     rep, kind = info["representation"], info["kind"]

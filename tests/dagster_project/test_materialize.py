@@ -164,3 +164,10 @@ def test_slide_without_images_is_not_retried_for_its_vision_assets(mixed_root, t
     materializing = dry.stdout[dry.stdout.index("materializing"):]
     assert "embeddings/gene_pca (missing)" in materializing
     assert "vision_" not in materializing.split("(dry run")[0]
+    # Its figures of image-free clusterings are planned (their first panel draws the spot
+    # coordinates), those of clusterings computed from pixels are not.
+    reports = run_cli(["materialize", "--only", "reports", "--dry-run"], env)
+    assert reports.returncode == 0, reports.stdout + reports.stderr
+    skipped, _, planned = reports.stdout.partition("demo_01: materializing")
+    assert "reports/slide_figures_image (missing)" in skipped.split("not planned, the slide has no image")[1]
+    assert "reports/slide_figures (missing)" in planned and "slide_figures_image" not in planned
