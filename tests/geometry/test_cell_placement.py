@@ -330,3 +330,18 @@ def test_the_training_set_records_how_many_genes_its_slides_share():
     assert ts.info["encoder"]["n_shared_genes"] == 70 and len(ts.encoder["genes"]) == 40
     with pytest.raises(GeometryInputError, match="share only 70 genes"):
         build_training_set(slides, replace(plan, min_shared_genes=71), size)
+
+
+@pytest.mark.parametrize("key", ["../x", "a/b", "/abs", ".hidden", "two words"])
+def test_cell_dataset_keys_that_are_not_file_names_are_refused(key, tmp_path, monkeypatch):
+    from mihd_assets.geometry.cell_datasets import cell_dataset_source
+    from mihd_assets.geometry.placement_assets import placement_file
+    from mihd_resources.geometry_store import GeometryStore
+    from mihd_resources.storage import InvalidPartitionKey
+
+    monkeypatch.setenv("MIHD_CELLS_ROOT", str(tmp_path / "cells"))
+    with pytest.raises(InvalidPartitionKey, match="of partitions 'cell_datasets'"):
+        cell_dataset_source(key)
+    with pytest.raises(InvalidPartitionKey, match="of partitions 'cell_datasets'"):
+        placement_file(GeometryStore(base_dir=str(tmp_path / "store")), key, ".h5ad")
+    assert not (tmp_path / "store").exists()
