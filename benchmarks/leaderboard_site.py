@@ -34,12 +34,12 @@ def main() -> None:
                            "MIHD_DUCKDB": str(tmp / "mihd.duckdb"), "MIHD_RELAY_QUEUE": str(tmp / "queue")})
         import anndata as ad
         import pandas as pd
-        from dagster import DagsterInstance, materialize, observe
+        from dagster import DagsterInstance, Definitions, materialize
         from dagster_duckdb import DuckDBResource
 
         from mihd_assets.fusion.assets import ALL_METRICS_KEYS
         from mihd_assets.leaderboard.assets import (
-            leaderboard_site, leaderboard_submissions, submission_queue)
+            OBSERVE_QUEUE_JOB_NAME, leaderboard_site, leaderboard_submissions, observe_queue_job, submission_queue)
         from mihd_relay.bundle import build_bundle
         from mihd_relay.queue import SubmissionQueue
         from mihd_resources import AnnDataIOManager, MetricsStore
@@ -87,7 +87,9 @@ def main() -> None:
                      "anndata_io_manager": AnnDataIOManager(base_dir=str(store))}
         timings = {}
         started = time.perf_counter()
-        result = observe([submission_queue], instance=instance, resources=resources)
+        # As `mihd materialize` observes its sources: the observation job, in process.
+        job = Definitions(assets=[submission_queue], jobs=[observe_queue_job]).resolve_job_def(OBSERVE_QUEUE_JOB_NAME)
+        result = job.execute_in_process(instance=instance)
         timings["observe queue"] = time.perf_counter() - started
         assert result.success
         for asset in (leaderboard_submissions, leaderboard_site):

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import hashlib
 import hmac
+import logging
 import math
 import os
 import secrets
@@ -37,6 +38,7 @@ from .bundle import DEFAULT_MAX_BODY_BYTES, SCHEMA_VERSION, Refusal, inlined_sch
 from .queue import QueueFull, SubmissionQueue
 
 RELAY_VERSION = "1"
+log = logging.getLogger("mihd.relay")
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
@@ -177,6 +179,10 @@ def create_app(settings: RelaySettings) -> FastAPI:
         response = await call_next(request)
         for name, value in SECURITY_HEADERS.items():
             response.headers[name] = value
+        # The access log names the client by its salted hash only (uvicorn's own log is off).
+        address = request.client.host if request.client else "unknown"
+        log.info("%s %s %s client %s", request.method, request.url.path[:200], response.status_code,
+                 client_hash(settings.salt, address))
         return response
 
     @app.get("/v1/health", response_model=Health, summary="The relay is up")

@@ -12,11 +12,14 @@ def serve(*, host: str, port: int, queue: Path, salt_file: Path, max_body_bytes:
           forwarded_allow_ips: str | None = None, log_level: str = "info") -> None:
     """Run until stopped (SIGINT / SIGTERM). Client addresses are the TCP peer's unless
     ``forwarded_allow_ips`` names the reverse proxies whose X-Forwarded-For is believed."""
+    import logging
+
     import uvicorn
 
     settings = RelaySettings(queue_dir=queue, salt=load_or_create_salt(salt_file), max_body_bytes=max_body_bytes,
                              rate_limit=rate_limit, rate_window_s=rate_window_s, max_queued=max_queued)
     app = create_app(settings)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(f"mihd relay: http://{host}:{port}/v1/submissions -> queue {queue} (body limit {max_body_bytes} bytes, "
           f"{rate_limit} submissions per {rate_window_s:g} s per client)", flush=True)
     uvicorn.run(
@@ -28,4 +31,5 @@ def serve(*, host: str, port: int, queue: Path, salt_file: Path, max_body_bytes:
         timeout_keep_alive=5,
         h11_max_incomplete_event_size=64 * 1024,  # request line + headers
         log_level=log_level,
+        access_log=False,  # it would log client addresses; the app logs their salted hash instead
     )

@@ -10,6 +10,7 @@ import csv
 import http.client
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -76,6 +77,11 @@ def test_valid_bundle_is_queued_and_the_same_again_is_a_duplicate(relay):
     assert status == 409 and answer["status"] == "duplicate" and answer["receipt_id"] == receipt, answer
     assert f"was queued before as {receipt}" in answer["reason"]
     assert len(relay.queued()) == len(before) + 1
+    # The relay's log names clients by the same salted hash, never by address.
+    log = relay.log.read_text()
+    assert f"POST /v1/submissions 202 client {envelope['client']}" in log
+    assert f"POST /v1/submissions 409 client {envelope['client']}" in log
+    assert not re.search(r"127\.0\.0\.1:\d+ - ", log), log[-2000:]
 
 
 def _mutated(change):
