@@ -295,3 +295,16 @@ def test_cells_from_slide_command_writes_a_dataset_the_sensor_finds(home, tmp_pa
     assert scan() == (["demo_02_cells"], [])
     assert cmd_cells_from_slide(args) == 1  # exists: refused without --force
     assert cmd_cells_from_slide(argparse.Namespace(**{**vars(args), "slide": "no_such_slide"})) == 2
+
+
+def test_the_refined_estimate_is_placed_and_recorded(home):
+    write_cells(home[3], home[0] / "cells" / "refined.h5ad")
+    assert place(home, "refined", config={"method": "refined", "passes": 1, "overlap": 0.25}).success
+    out = placed(home, "refined")
+    info = out.uns["geometry"]
+    assert info["estimate"] == "refined" and info["method"].startswith("refined: ")
+    assert info["passes"] == 1 and info["n_anchor_cells"] == round(0.25 * SET_SIZE)
+    assert (out.obs["geometry_estimates"] >= 1).all() and np.isfinite(out.obsm["X_geometry"]).all()
+    if not (home[0] / "storage/geometry/cell_placement/cells03.h5ad").is_file():
+        assert place(home, "cells03").success
+    assert not np.allclose(out.obsm["X_geometry"], placed(home, "cells03").obsm["X_geometry"])
