@@ -95,7 +95,9 @@ def _units(defs, instance, partitions: list[str] | None, groups: list[str] | Non
     """One unit per slide, one for the unpartitioned assets, one per donor, one per cell dataset
     (the order runs go in)."""
     from dagster_project.materialize import Unit
+    from mihd_assets.geometry.cell_datasets import can_be_scored
     from mihd_assets.geometry.cells import CELL_DATASETS
+    from mihd_assets.geometry.placement_assets import CELL_EVALUATION_KEY
     from mihd_assets.segmentation.partitions import donors_partitions
     from mihd_resources.orchestration import slides_partitions
 
@@ -121,7 +123,13 @@ def _units(defs, instance, partitions: list[str] | None, groups: list[str] | Non
         for donor in instance.get_dynamic_partitions(donors_partitions.name):
             units.append(Unit(donors_partitions.name, donor, by_partitioning.get(donors_partitions.name, [])))
         for dataset in instance.get_dynamic_partitions(CELL_DATASETS):
-            units.append(Unit(CELL_DATASETS, dataset, by_partitioning.get(CELL_DATASETS, [])))
+            keys = by_partitioning.get(CELL_DATASETS, [])
+            if CELL_EVALUATION_KEY in keys and not can_be_scored(dataset):
+                # Placed, not scored: a dataset without hidden positions has nothing to score against.
+                print(f"{dataset}: {CELL_EVALUATION_KEY.to_user_string()} not planned - the dataset carries no "
+                      "hidden positions (obsm['spatial_truth'])")
+                keys = [k for k in keys if k != CELL_EVALUATION_KEY]
+            units.append(Unit(CELL_DATASETS, dataset, keys))
     return [u for u in units if u.keys]
 
 

@@ -24,7 +24,7 @@ from mihd_resources import settings
 from mihd_resources.orchestration import changed_data_versions
 from mihd_resources.storage import partition_path, validate_partition_key
 
-from .cells import CELL_DATASETS, CellDatasetError, dataset_candidates, scan_cell_datasets
+from .cells import CELL_DATASETS, CellDatasetError, dataset_candidates, has_truth, scan_cell_datasets
 
 cell_datasets_partitions = DynamicPartitionsDefinition(name=CELL_DATASETS)
 GROUP = "geometry"
@@ -55,6 +55,15 @@ def cell_dataset_source(dataset: str) -> Path:
         raise CellDatasetError(f"cell dataset '{dataset}': several sources {[p.name for p in found]} under {root}; "
                                "keep one")
     return found[0]
+
+
+def can_be_scored(dataset: str) -> bool:
+    """Whether ``dataset`` carries hidden positions to score its placement on. A dataset that
+    cannot be found counts as scoreable, so that its run fails and says why."""
+    try:
+        return has_truth(cell_dataset_source(dataset))
+    except CellDatasetError:
+        return True
 
 
 def discover_cell_datasets(instance: DagsterInstance) -> tuple[list[str], list[str]]:

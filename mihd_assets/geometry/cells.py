@@ -200,6 +200,18 @@ def read_cell_dataset(source: str | Path, dataset: str) -> ad.AnnData:
     return adata
 
 
+def has_truth(source: str | Path) -> bool:
+    """Whether the dataset at ``source`` is an ``.h5ad`` file holding ``obsm["spatial_truth"]``
+    (only the file's group names are read)."""
+    import h5py
+
+    source = Path(source)
+    if not (source.is_file() and source.name.endswith(ANNDATA_SUFFIX) and h5py.is_hdf5(source)):
+        return False
+    with h5py.File(source, "r") as fh:
+        return "obsm" in fh and TRUTH_KEY in fh["obsm"]
+
+
 def read_truth(source: str | Path, dataset: str, obs_names) -> np.ndarray:
     """``obsm["spatial_truth"]`` of an ``.h5ad`` dataset, in the order of ``obs_names``
     (the evaluation's reader; the placement never calls it)."""

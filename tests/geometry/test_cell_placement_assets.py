@@ -271,13 +271,20 @@ def test_each_bad_input_fails_its_partition_naming_the_dataset(home, tmp_path):
         assert con.execute("SELECT count(*) FROM cell_placement_metrics WHERE dataset_id = 'cells03'").fetchone()[0] == good_rows
 
 
-def test_materialize_plans_one_unit_per_cell_dataset(home):
+def test_materialize_plans_one_unit_per_cell_dataset(home, capsys):
     from dagster_project.cli import _units
 
-    _, instance, _, _ = home
-    units = [u for u in _units(defs, instance, None, ["geometry"]) if u.partitions_name == "cell_datasets"]
-    assert {u.partition for u in units} >= {"cells03"}
-    assert all(set(u.keys) == {CELL_PLACEMENT_KEY, CELL_EVALUATION_KEY} for u in units)
+    root, instance, _, cells = home
+    unscored = cells.copy()
+    del unscored.obsm["spatial_truth"]
+    write_cells(unscored, root / "cells" / "unscored.h5ad")
+    instance.add_dynamic_partitions("cell_datasets", [d for d in ("cells03", "unscored")
+                                                     if d not in instance.get_dynamic_partitions("cell_datasets")])
+    units = {u.partition: u for u in _units(defs, instance, None, ["geometry"]) if u.partitions_name == "cell_datasets"}
+    assert set(units["cells03"].keys) == {CELL_PLACEMENT_KEY, CELL_EVALUATION_KEY}
+    # Without hidden positions the dataset is placed, and its evaluation is not planned (and says so).
+    assert units["unscored"].keys == [CELL_PLACEMENT_KEY]
+    assert "unscored: geometry/cell_placement_evaluation not planned" in capsys.readouterr().out
 
 
 def test_cells_from_slide_command_writes_a_dataset_the_sensor_finds(home, tmp_path, monkeypatch, capsys):
