@@ -2,7 +2,8 @@
 (the vision encoders of one patch variant share one step, which cuts the patches once).
 
 Each stores the raw embedding (SpotEmbedding .npz) with what produced it; the
-`embedding_runs_metrics` asset loads them and writes DuckDB `embedding_runs`.
+`embedding_runs_metrics` (gene) and `vision_embedding_runs_metrics` assets load them and
+write DuckDB `embedding_runs`.
 """
 
 import tempfile
@@ -279,18 +280,27 @@ VISION_KEYS = [vision_key(e, v) for e in MATRIX.vision_encoders for v in MATRIX.
 ALL_EMBEDDING_KEYS = [gene_key(e) for e in MATRIX.gene_encoders] + VISION_KEYS
 
 
-@asset(
-    key=AssetKey(["embeddings", "embedding_runs_metrics"]),
-    ins={"_".join(k.path[1:]): AssetIn(key=k) for k in ALL_EMBEDDING_KEYS},
-    group_name=GROUP,
-    partitions_def=slides_partitions,
-    code_version="1",
-    kinds={"python", "duckdb"},
-)
-def embedding_runs_metrics(context: AssetExecutionContext, metrics: MetricsStore, **embeddings) -> MaterializeResult:
-    """One DuckDB `embedding_runs` row per embedding of this slide: modality, encoder,
-    variant, dims, weights source, device (and, for GPU steps, the device requested, used and
-    what expected a GPU), seconds, patches/s (read from the stored files)."""
+def _runs_metrics_factory(name: str, keys: list[AssetKey], which: str):
+    @asset(
+        key=AssetKey(["embeddings", name]),
+        ins={"_".join(k.path[1:]): AssetIn(key=k) for k in keys},
+        group_name=GROUP,
+        partitions_def=slides_partitions,
+        code_version="1",
+        kinds={"python", "duckdb"},
+        description=(
+            f"One DuckDB `embedding_runs` row per {which} embedding of this slide: modality, encoder, variant, "
+            "dims, weights source, device (and, for GPU steps, the device requested, used and what expected a "
+            "GPU), seconds, patches/s (read from the stored files)."
+        ),
+    )
+    def _asset(context: AssetExecutionContext, metrics: MetricsStore, **embeddings) -> MaterializeResult:
+        return _write_embedding_runs(context, metrics, embeddings)
+
+    return _asset
+
+
+def _write_embedding_runs(context: AssetExecutionContext, metrics: MetricsStore, embeddings: dict) -> MaterializeResult:
     rows = []
     for emb in embeddings.values():
         info = emb.info
@@ -315,3 +325,9 @@ def embedding_runs_metrics(context: AssetExecutionContext, metrics: MetricsStore
         })
     written = metrics.write(context, {"embedding_runs": rows})
     return MaterializeResult(metadata={"rows_written": MetadataValue.json(written)})
+
+
+# Two writers into `embedding_runs`, so a slide without any image still gets its gene rows.
+embedding_runs_metrics = _runs_metrics_factory("embedding_runs_metrics", [gene_key(e) for e in MATRIX.gene_encoders],
+                                               "gene")
+vision_embedding_runs_metrics = _runs_metrics_factory("vision_embedding_runs_metrics", VISION_KEYS, "vision")
