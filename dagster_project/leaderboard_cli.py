@@ -112,7 +112,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--salt-file", help="salt for client address hashes (default $MIHD_RELAY_SALT_FILE, else "
                                        "$MIHD_HOME/relay/salt; made once, mode 0600)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    p.add_argument("--rate-limit", type=int, default=30, help="submissions per client per --rate-window (default 30)")
+    p.add_argument("--rate-limit", type=int, default=10, help="submissions per client per --rate-window (default 10)")
     p.add_argument("--rate-window", type=float, default=60.0, help="seconds (default 60)")
     p.add_argument("--max-queued", type=int, default=10_000, help="refuse with 503 once the queue holds this many")
     p.add_argument("--forwarded-allow-ips", metavar="IPS",

@@ -52,7 +52,7 @@ class RelaySettings:
     queue_dir: Path
     salt: bytes
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    rate_limit: int = 30             # POSTs per client ...
+    rate_limit: int = 10             # POSTs per client ...
     rate_window_s: float = 60.0      # ... per this many seconds
     max_queued: int = 10_000
     body_timeout_s: float = 30.0

@@ -24,8 +24,8 @@ HASH_PREFIX = "sha256:"
 # More distinct labels than this on one slide is not a clustering of a few layers.
 MAX_DISTINCT_LABELS = 64
 MAX_PROBLEMS = 20  # problems listed in one refusal; the count of the rest follows
-# The relay's default body limit: a DLPFC slide of ~4,000 spots is ~150 kB of labels.
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+# The relay's default body limit: a DLPFC slide of ~4,000 spots is ~150 kB of labels, all 12 about 2 MB.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # Validators whose failure the schema's own `x-reason` explains better than jsonschema's message.
 _REASONED = {"pattern", "not", "minLength", "maxLength", "const", "type", "minimum", "maximum", "minProperties",
              "maxProperties", "minItems", "maxItems", "enum"}

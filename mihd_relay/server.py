@@ -8,7 +8,7 @@ from .app import DEFAULT_MAX_BODY_BYTES, RelaySettings, create_app, load_or_crea
 
 
 def serve(*, host: str, port: int, queue: Path, salt_file: Path, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-          rate_limit: int = 30, rate_window_s: float = 60.0, max_queued: int = 10_000,
+          rate_limit: int = 10, rate_window_s: float = 60.0, max_queued: int = 10_000,
           forwarded_allow_ips: str | None = None, log_level: str = "info") -> None:
     """Run until stopped (SIGINT / SIGTERM). Client addresses are the TCP peer's unless
     ``forwarded_allow_ips`` names the reverse proxies whose X-Forwarded-For is believed."""

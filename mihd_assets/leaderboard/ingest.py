@@ -24,7 +24,7 @@ import pandas as pd
 from mihd_relay.bundle import Refusal, check_bundle, parse_json
 from mihd_relay.queue import QUEUE_FORMAT, RECEIPT_RE
 
-# Twice the relay's default body limit: the envelope adds little, and nothing bigger is read.
+# Four times the relay's default body limit (the envelope adds little); nothing bigger is read.
 MAX_QUEUE_FILE_BYTES = 16 * 1024 * 1024
 ENVELOPE_KEYS = {"format", "receipt_id", "received_at", "client", "bundle"}
 MAX_REASON_CHARS = 2000
