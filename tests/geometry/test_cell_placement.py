@@ -345,3 +345,22 @@ def test_cell_dataset_keys_that_are_not_file_names_are_refused(key, tmp_path, mo
     with pytest.raises(InvalidPartitionKey, match="of partitions 'cell_datasets'"):
         placement_file(GeometryStore(base_dir=str(tmp_path / "store")), key, ".h5ad")
     assert not (tmp_path / "store").exists()
+
+
+def test_a_10x_mtx_folder_is_a_dataset_the_scan_finds_and_the_reader_reads(tmp_path):
+    from scipy.io import mmwrite
+
+    from mihd_assets.geometry.cells import scan_cell_datasets
+
+    rng = np.random.default_rng(6)
+    counts = rng.poisson(2.0, size=(30, 5))
+    folder = tmp_path / "pbmc" / "filtered_feature_bc_matrix"
+    folder.mkdir(parents=True)
+    mmwrite(str(folder / "matrix.mtx"), sp.coo_matrix(counts.T))  # 10x stores genes x cells
+    (folder / "genes.tsv").write_text("".join(f"ENSG{i:011d}\tGENE{i}\n" for i in range(5)))
+    (folder / "barcodes.tsv").write_text("".join(f"CELL{i}-1\n" for i in range(30)))
+    (tmp_path / "notes").mkdir()  # a folder without a matrix is not a dataset
+    assert scan_cell_datasets(tmp_path, lambda key: key) == (["pbmc"], [])
+    read = read_cell_dataset(tmp_path / "pbmc", "pbmc")
+    assert list(read.var_names) == [f"GENE{i}" for i in range(5)] and read.var["gene_ids"].iloc[2] == "ENSG00000000002"
+    np.testing.assert_array_equal(read.X.toarray(), counts)
