@@ -71,6 +71,7 @@ class Relay:
     """`mihd relay` on 127.0.0.1 in its own process group; :meth:`stop` ends the group."""
 
     def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None):
+        tmp.mkdir(parents=True, exist_ok=True)
         self.queue = tmp / "queue"
         self.salt = tmp / "salt"
         self.log = tmp / "relay.log"
