@@ -29,11 +29,29 @@ class EmbeddingIOManager(ConfigurableIOManager):
     def load_input(self, context: InputContext) -> SpotEmbedding | dict[str, SpotEmbedding]:
         keys = partitions_for_unpartitioned_consumer(context)
         if keys is not None:
-            return {k: self._load(partition_file(self.base_dir, context, ".npz", k)) for k in keys}
-        return self._load(self._path(context))
+            return {k: self._load(partition_file(self.base_dir, context, ".npz", k), context, k) for k in keys}
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        return self._load(self._path(context), context, partition)
 
-    @staticmethod
-    def _load(path: Path) -> SpotEmbedding:
+    def _load(self, path: Path, context: InputContext, partition: str | None) -> SpotEmbedding:
         if not path.is_file():
+            name = context.asset_key.path[-1]
+            if partition is not None and name.startswith("vision_") and self._slide_has_no_image(partition):
+                raise FileNotFoundError(
+                    f"slide '{partition}' has no image (no full-resolution TIFF, no hires or lowres PNG): the vision "
+                    f"embedding {name} is never computed for it, and what reads it needs the slide's pixels and does "
+                    "not run for it; gene-only assets do"
+                )
             raise FileNotFoundError(f"no stored embedding {path}; materialize the upstream partition first")
         return SpotEmbedding.load(path)
+
+    def _slide_has_no_image(self, slide: str) -> bool:
+        """Whether the slide's stored raw_slide (same storage root) was read without any image."""
+        import h5py
+
+        raw = Path(self.base_dir) / "slides" / "raw_slide" / f"{slide}.h5ad"
+        if not raw.is_file():
+            return False
+        with h5py.File(raw, "r") as f:
+            group = f.get(f"uns/spatial/{slide}/metadata/image_paths")
+            return group is not None and len(group.keys()) == 0

@@ -174,6 +174,23 @@ def test_figure_falls_back_to_a_coordinates_only_panel(no_image_run):
     assert slide_panels_png(image, xy, None, labels.refined, "t", image_title=title).startswith(b"\x89PNG")
 
 
+def test_fusion_of_a_never_computed_vision_embedding_fails_saying_the_slide_has_no_image(no_image_run, monkeypatch):
+    """A fusion that reads a vision embedding, materialized for a slide without images: its
+    input was never computed, and the error says why (no image), not just "file missing"."""
+    monkeypatch.setenv("MIHD_PROFILE", "demo")
+    store = no_image_run.store
+    (store / "embeddings" / "vision_uni2_standard" / f"{SLIDE}.npz").unlink(missing_ok=True)  # another test's fake
+    concat = next(a for a in fa.fusion_embeddings if a.key.path[-1] == "concat__pca__uni2_standard")
+    vision = emb.vision_asset_for(emb.vision_key("uni2", "standard"))
+    result = materialize(
+        [slides.raw_slide, *slides.preprocessed_slides, GENE_PCA, vision, concat],
+        partition_key=SLIDE, instance=no_image_run.instance, resources=no_image_run.resources,
+        selection=[concat.key], raise_on_error=False,
+    )
+    (message,) = _failures(result).values()
+    assert f"slide '{SLIDE}' has no image" in message and "vision_uni2_standard" in message, message
+
+
 def _fake_slide(image_paths: dict, gate: dict):
     return SimpleNamespace(uns={
         "spatial": {SLIDE: {"metadata": {"image_paths": image_paths}}},
