@@ -37,7 +37,9 @@ slide_pipeline_assets = [a for a in all_assets if isinstance(a, AssetsDefinition
 
 nightly_backfill_automation = AutomationConditionSensorDefinition(
     AUTOMATION_SENSOR_NAME,
-    target=AssetSelection.all(),
+    # Assets only: their checks run in the asset's own step whenever it is requested (Dagster's
+    # default condition operands such as code_version_changed() are defined for assets alone).
+    target=AssetSelection.all().without_checks(),
     default_condition=nightly_condition(),
     use_user_code_server=True,
     default_status=DefaultSensorStatus.RUNNING,

@@ -109,6 +109,7 @@ def _dry_run_lists(env: dict, partition: str) -> set[str]:
     result = run_cli(["materialize", "--dry-run", "--partition", partition], env)
     assert result.returncode == 0, result.stdout + result.stderr
     listed = set(re.findall(r"^    (\S+) \(", result.stdout, flags=re.M))
+    print(f"mihd materialize --dry-run --partition {partition}:\n{result.stdout}")  # shown when the test fails
     return listed
 
 

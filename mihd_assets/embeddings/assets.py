@@ -40,6 +40,8 @@ from mihd_resources.weights import ModelWeightsResource
 from .store import SpotEmbedding
 
 GROUP = "embeddings"
+SCGPT_MAX_GENES = 1200  # scGPT's own sequence cap (gene tokens per spot)
+DEMO_SCGPT_MAX_GENES = 512
 WEIGHTS_CHECK = "weights_not_random"
 
 
@@ -230,6 +232,9 @@ def _gene_factory(encoder: str):
 
             (values, info), device = compute.run(context, step_executor, "embeddings", work)
         else:
+            # The demo caps each spot at its 512 most expressed genes (real runs: scGPT's 1,200);
+            # attention cost grows with the square of the sequence length.
+            max_genes = DEMO_SCGPT_MAX_GENES if demo else SCGPT_MAX_GENES
             model_dir = weights.path_for("scgpt")
             random = model_dir is None and weights.allow_random
             if random:
@@ -241,11 +246,11 @@ def _gene_factory(encoder: str):
                     with tempfile.TemporaryDirectory() as tmp:
                         random_dir = save_random_scgpt(Path(tmp) / "scgpt", list(pre.var_names))
                         values, info = scgpt_embedding(pre, random_dir, device=device, batch_size=cs.batch_size,
-                                                       amp=cs.use_amp())
+                                                       amp=cs.use_amp(), max_genes=max_genes)
                     info["config"] = "tiny"  # save_random_scgpt's small network of the same code
                 else:
                     values, info = scgpt_embedding(pre, model_dir, device=device, batch_size=cs.batch_size,
-                                                   amp=cs.use_amp())
+                                                   amp=cs.use_amp(), max_genes=max_genes)
                 return values, {**info, "device": str(device)}
 
             (values, info), device = compute.run(context, step_executor, "embeddings", work)

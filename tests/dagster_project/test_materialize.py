@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, DagsterEventType, DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 
 from tests.conftest import home_env, run_cli
@@ -66,13 +66,36 @@ def test_second_run_recomputes_nothing_and_sql_cli_reads(materialized_home):
     records = _instance(materialized_home).get_run_records()  # newest first
     new_runs = [r.dagster_run for r in records[: len(records) - runs_before]]
     assert new_runs
-    assert all(r.job_name.endswith("observe_sources_job") for r in new_runs), [r.job_name for r in new_runs]
+    # Each new run only observed (its job is an observation job) and materialized nothing.
+    assert all("observe" in r.job_name for r in new_runs), [r.job_name for r in new_runs]
+    later = _instance(materialized_home)
+    for run in new_runs:
+        kinds = {e.dagster_event_type for e in later.all_logs(run.run_id) if e.is_dagster_event}
+        assert DagsterEventType.ASSET_MATERIALIZATION not in kinds, (run.job_name, kinds)
     out = run_cli(["sql", "SELECT slide_id, n_spots FROM slide_qc_latest ORDER BY slide_id"], materialized_home)
     assert out.returncode == 0 and "demo_01" in out.stdout and "(2 rows)" in out.stdout
     refused = run_cli(["sql", "DROP TABLE slide_qc"], materialized_home)
     assert refused.returncode != 0 and "read-only" in refused.stderr and "Traceback" not in refused.stderr
     typo = run_cli(["sql", "SELECT slide_idd FROM slide_qc_latest"], materialized_home)
     assert typo.returncode == 1 and "slide_idd" in typo.stderr and "Traceback" not in typo.stderr
+
+
+def test_nightly_automation_sensor_evaluates_every_asset_of_the_materialized_home(materialized_home, monkeypatch):
+    """The sensor the daemon ticks, evaluated as the code server does, on a home whose asset checks
+    have results: it requests nothing for a fresh home and raises for no asset or check."""
+    from dagster import build_sensor_context
+
+    for name, value in materialized_home.items():
+        monkeypatch.setenv(name, value)
+    from dagster_project.definitions import AUTOMATION_SENSOR_NAME, defs
+
+    instance = _instance(materialized_home)
+    sensor = defs.resolve_sensor_def(AUTOMATION_SENSOR_NAME)
+    result = sensor.evaluate_tick(build_sensor_context(instance=instance, repository_def=defs.get_repository_def()))
+    assert result.run_requests == [], [(r.partition_key, r.asset_selection) for r in result.run_requests]
+    evaluated = {e.key for e in result.automation_condition_evaluations or []}
+    assert AssetKey(["slides", "raw_slide"]) in evaluated
+    assert all(isinstance(k, AssetKey) for k in evaluated), "checks run in their asset's step, never alone"
 
 
 @pytest.fixture
