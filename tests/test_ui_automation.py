@@ -94,10 +94,10 @@ def _graphql(base: str, query: str, variables: dict) -> dict:
 
 def _ui_unsynced(base: str, partition: str) -> set[str]:
     """What the UI marks unsynced or missing for one slide: the webserver's own stale status of
-    every slide-partitioned asset (the donor-partitioned segmentation assets have no such partition)."""
-    nodes = _graphql(base, "{ assetNodes { assetKey { path } groupName isPartitioned isMaterializable } }", {})
+    every slide-partitioned asset (assets partitioned by donor or cell dataset have no such partition)."""
+    nodes = _graphql(base, "{ assetNodes { assetKey { path } isMaterializable partitionDefinition { name } } }", {})
     keys = [n["assetKey"] for n in nodes["assetNodes"]
-            if n["isMaterializable"] and n["isPartitioned"] and n["groupName"] != "segmentation"]
+            if n["isMaterializable"] and (n["partitionDefinition"] or {}).get("name") == "slides"]
     data = _graphql(base, """
         query($keys: [AssetKeyInput!]!, $p: String!) {
           assetNodes(assetKeys: $keys) { assetKey { path } staleStatus(partition: $p) } }""",
@@ -197,8 +197,10 @@ def test_ui_materializes_every_family_and_marks_changed_slides_unsynced(ui_home,
 
                 for asset, partition, check in ONE_PER_FAMILY:
                     try:
+                        started = time.monotonic()
                         _materialize_from_ui(page, base, asset, partition)
                         _assert_checks_tab(page, base, asset, check)
+                        print(f"{asset}: materialized from the UI in {time.monotonic() - started:.1f} s")
                     except Exception as exc:  # noqa: BLE001 - playwright's TimeoutError too; re-raised with the asset
                         page.screenshot(path=str(shot), full_page=True)
                         raise AssertionError(f"{asset}: {exc}") from exc
