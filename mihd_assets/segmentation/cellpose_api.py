@@ -1,4 +1,5 @@
-"""The only module that imports cellpose: network build/load, training, inference, metrics.
+"""The only module that imports cellpose: network build/load, training, inference, metrics
+(imported inside the steps that need it, so loading the definitions does not import cellpose).
 
 Facts of cellpose 4.2 this wrapper guards against:
 
@@ -39,6 +40,7 @@ from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
 from ..fileio import atomic_path, file_sha256
+from .plan import EvalSettings
 from ..state_dicts import state_dict_mismatch
 
 log = logging.getLogger(__name__)
@@ -208,16 +210,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     if dtype != torch.float32:
         net.dtype = dtype
     return LoadedModel(_LoadedCellposeModel(net, device, path), config, path, file_sha256(path), device)
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """cellpose ``eval`` thresholds (its defaults), recorded with every prediction."""
-
-    flow_threshold: float = 0.4
-    cellprob_threshold: float = 0.0
-    min_size: int = 15
-    batch_size: int = 8
 
 
 def segment(model: LoadedModel, images: Sequence[np.ndarray], settings: EvalSettings = EvalSettings()) -> list[np.ndarray]:

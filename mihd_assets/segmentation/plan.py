@@ -7,11 +7,20 @@ from dataclasses import asdict, dataclass, replace
 
 from mihd_resources import settings
 
-from .cellpose_api import EvalSettings
 from .gating import GATING_QUANTILES, MIN_AREAS
 
 MODELS = ("baseline", "generic", "marker_specific", "marker_only")
 FINE_TUNED = ("generic", "marker_specific", "marker_only")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """cellpose ``eval`` thresholds (its defaults), recorded with every prediction."""
+
+    flow_threshold: float = 0.4
+    cellprob_threshold: float = 0.0
+    min_size: int = 15
+    batch_size: int = 8
 
 
 @dataclass(frozen=True)
