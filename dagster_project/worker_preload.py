@@ -1,7 +1,7 @@
 """Imported once by the forkserver that `mihd materialize` forks its step processes from.
 
 Each step of the multiprocess executor runs in a child process; forked from a server that
-already imported the definitions (torch, scanpy, every asset module), built the repository
+already imported the definitions (every asset module), torch, cellpose and scanpy, built the repository
 and the asset job from them, and loaded the instance's storage modules (SQLAlchemy, Alembic),
 a step process starts in well under a second instead of importing all of it again.
 """
@@ -17,6 +17,12 @@ from dagster import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 
 from dagster_project.definitions import defs
+
+# The definitions import no deep-learning framework (every process that loads the code location
+# would pay for it); the step processes forked from here get them already imported.
+import cellpose.models  # noqa: E402,F401
+import scanpy  # noqa: E402,F401
+import torch  # noqa: E402,F401
 
 # A process started by a forkserver gets "forkserver" as its default start method, so a step's
 # own worker processes (the vision DataLoader's) would each start a second forkserver and
