@@ -158,7 +158,7 @@ def test_webserver_shows_materialized_slide_assets(materialized_home, tmp_path):
                     # The observable source of the slide's files feeds raw_slide, and downstream
                     # assets of other groups appear as links (lineage across groups).
                     expect(graph.get_by_text("slide_files", exact=True)).to_be_visible()
-                    expect(graph.get_by_text("vision_uni2_standard", exact=True).first).to_be_visible()
+                    expect(graph.get_by_text("vision_uni2_standard", exact=True).filter(visible=True).first).to_be_visible()
                 except AssertionError as exc:
                     page.screenshot(path=str(graph_png), full_page=True)
                     raise AssertionError(f"slides group graph incomplete; screenshot {graph_png}; log {log}") from exc
@@ -168,7 +168,7 @@ def test_webserver_shows_materialized_slide_assets(materialized_home, tmp_path):
                 for name in SLIDE_ASSETS:
                     page.goto(f"{base}/assets/slides/{name}")
                     _skip_community_dialog(page)
-                    expect(page.get_by_text(name, exact=True).first).to_be_visible()
+                    expect(page.get_by_text(name, exact=True).filter(visible=True).first).to_be_visible()
                     expect(page.get_by_text("Latest materialization")).to_be_visible()
 
                 # --- raw_slide asset page: description and the latest materialization ---
