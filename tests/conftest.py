@@ -88,3 +88,15 @@ def slide_resources(slides_root: Path, store: Path, database: Path) -> dict:
         "clustering": ClusteringResource(),
         "weights": ModelWeightsResource(allow_random=True),
     }
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n N --dist loadgroup``, the project's default) each test file runs
+    whole on one worker, so its module fixtures are built once; the cluster tests share one
+    worker, so one Slurm cluster and one PostgreSQL server run at a time."""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        path = Path(str(item.fspath)).resolve().relative_to(REPO)
+        group = "cluster" if path.parts[:2] == ("tests", "cluster") else str(path)
+        item.add_marker(pytest.mark.xdist_group(group))
