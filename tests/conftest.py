@@ -93,10 +93,17 @@ def slide_resources(slides_root: Path, store: Path, database: Path) -> dict:
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``-n N --dist loadgroup``, the project's default) each test file runs
     whole on one worker, so its module fixtures are built once; the cluster tests share one
-    worker, so one Slurm cluster and one PostgreSQL server run at a time."""
+    worker, so one Slurm cluster and one PostgreSQL server run at a time; the tests reading the
+    materialized home share one worker, so that home (two minutes of materialization) is built
+    once."""
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
         path = Path(str(item.fspath)).resolve().relative_to(REPO)
-        group = "cluster" if path.parts[:2] == ("tests", "cluster") else str(path)
+        if path.parts[:2] == ("tests", "cluster"):
+            group = "cluster"
+        elif "materialized_home" in getattr(item, "fixturenames", ()):
+            group = "materialized_home"
+        else:
+            group = str(path)
         item.add_marker(pytest.mark.xdist_group(group))

@@ -29,6 +29,7 @@ BIN = Path(sys.executable).parent
 TAG_VAR = "MIHD_TEST_PROCESS_TAG"
 STARTUP_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 20
+EXIT_GRACE_S = 10
 
 
 def tail(path: Path, n: int = 60) -> str:
@@ -155,7 +156,12 @@ class DagsterServices:
                 stop_group(self.procs.pop(name))
         for name in list(self.procs):
             stop_group(self.procs.pop(name))
-        left = tagged_processes(self.tag)
+        # SIGKILL is delivered at once but a large process takes a moment to exit (seconds on
+        # a loaded machine); a process that escaped the groups got no signal and is still
+        # there after the grace (a code server would only end on its 45 s heartbeat timeout).
+        deadline = time.monotonic() + EXIT_GRACE_S
+        while (left := tagged_processes(self.tag)) and time.monotonic() < deadline:
+            time.sleep(0.2)
         for pid, _ in left:
             try:
                 os.kill(pid, signal.SIGKILL)
