@@ -90,20 +90,32 @@ def slide_resources(slides_root: Path, store: Path, database: Path) -> dict:
     }
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``-n N --dist loadgroup``, the project's default) each test file runs
-    whole on one worker, so its module fixtures are built once; the cluster tests share one
-    worker, so one Slurm cluster and one PostgreSQL server run at a time; the tests reading the
-    materialized home share one worker, so that home (two minutes of materialization) is built
-    once."""
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        path = Path(str(item.fspath)).resolve().relative_to(REPO)
-        if path.parts[:2] == ("tests", "cluster"):
-            group = "cluster"
-        elif "materialized_home" in getattr(item, "fixturenames", ()):
-            group = "materialized_home"
-        else:
-            group = str(path)
-        item.add_marker(pytest.mark.xdist_group(group))
+
+def _xdist_group(nodeid: str) -> str:
+    """The worker unit of a test: its file; the cluster tests together (one Slurm cluster and
+    one PostgreSQL server at a time); the files reading the materialized home together (that
+    home, two minutes of materialization, is built once)."""
+    path = nodeid.split("::", 1)[0]
+    if path.startswith("tests/cluster/"):
+        return "cluster"
+    try:
+        text = (REPO / path).read_text()
+    except OSError:
+        return path
+    return "materialized_home" if "materialized_home" in text else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (``-n 2``, the project's default) tests are sent to workers by the
+    unit of :func:`_xdist_group`, so module and shared fixtures are built once. (xdist's own
+    ``--dist loadgroup`` cannot do this under pytest 9, whose node ids are not rewritable.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _xdist_group(nodeid)
+
+    # Units in collection order (the cluster and materialized-home units, the longest, come
+    # first), not largest-count first: a unit's test count says little about its time.
+    config.option.loadscopereorder = False
+    return ByGroup(config, log)
