@@ -106,8 +106,8 @@ def _xdist_group(nodeid: str) -> str:
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """Under pytest-xdist (``-n 2``, the project's default) tests are sent to workers by the
-    unit of :func:`_xdist_group`, so module and shared fixtures are built once. (xdist's own
+    """With ``pytest -n N`` (pytest-xdist) tests are sent to workers by the unit of
+    :func:`_xdist_group`, so module and shared fixtures are built once. (xdist's own
     ``--dist loadgroup`` cannot do this under pytest 9, whose node ids are not rewritable.)"""
     from xdist.scheduler import LoadScopeScheduling
 
