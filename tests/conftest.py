@@ -105,6 +105,7 @@ def _xdist_group(nodeid: str) -> str:
     return "materialized_home" if "materialized_home" in text else path
 
 
+@pytest.hookimpl(optionalhook=True)  # the hook exists only when pytest-xdist is installed
 def pytest_xdist_make_scheduler(config, log):
     """With ``pytest -n N`` (pytest-xdist) tests are sent to workers by the unit of
     :func:`_xdist_group`, so module and shared fixtures are built once. (xdist's own
