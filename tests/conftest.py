@@ -90,7 +90,6 @@ def slide_resources(slides_root: Path, store: Path, database: Path) -> dict:
     }
 
 
-
 def _xdist_group(nodeid: str) -> str:
     """The worker unit of a test: its file; the cluster tests together (one Slurm cluster and
     one PostgreSQL server at a time); the files reading the materialized home together (that
